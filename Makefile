@@ -10,7 +10,7 @@ PORT   ?= 8004
 $(BIN)/twistd: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 venv: $(BIN)/twistd

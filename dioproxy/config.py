@@ -1,0 +1,189 @@
+"""Configuration: defaults, the YAML file, ``--upstream`` overrides, validated once at start.
+
+A bad config is refused with a message naming the key, so a typo never becomes a silent default.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from dioproxy.names import looks_like_host
+
+DEFAULT_UPSTREAMS = {
+    "docker.io": "https://registry-1.docker.io",
+    "ghcr.io": "https://ghcr.io",
+    "quay.io": "https://quay.io",
+    "gcr.io": "https://gcr.io",
+    "registry.k8s.io": "https://registry.k8s.io",
+    "mcr.microsoft.com": "https://mcr.microsoft.com",
+    "nvcr.io": "https://nvcr.io",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One mirrored registry: the name clients use and where it really is."""
+
+    registry: str
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def credentials(self) -> tuple[str, str] | None:
+        if self.username is None or self.password is None:
+            return None
+        return (self.username, self.password)
+
+
+@dataclass(frozen=True)
+class Config:
+    upstreams: dict[str, Upstream]
+    hosts: dict[str, str] = field(default_factory=dict)
+    cache_dir: str = "./data"
+    cache_enabled: bool = True
+    tag_ttl: float = 300.0
+    default_registry: str = "docker.io"
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Seconds from a number or a string such as ``90s``, ``5m``, ``2h``, ``1d``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(value))
+        if not match:
+            raise ConfigError(f"{key}: expected a duration like 300, 90s, 5m or 2h, got {value!r}")
+        seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    if seconds < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    return seconds
+
+
+def _check_url(url: Any, key: str) -> str:
+    if not isinstance(url, str):
+        raise ConfigError(f"{key}: expected a URL string, got {url!r}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: expected an http:// or https:// URL, got {url!r}")
+    return url.rstrip("/")
+
+
+def _check_registry(name: Any, key: str) -> str:
+    if not isinstance(name, str) or not looks_like_host(name):
+        raise ConfigError(f"{key}: {name!r} is not a registry host name (like docker.io or ghcr.io)")
+    return name
+
+
+def _mapping(value: Any, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+_TOP_KEYS = {"upstreams", "hosts", "cache", "default_registry", "timeouts"}
+_CACHE_KEYS = {"dir", "tag_ttl", "enabled"}
+_UPSTREAM_KEYS = {"url", "username", "password"}
+_TIMEOUT_KEYS = {"connect", "read"}
+
+
+def _unknown(given: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(given) - allowed)
+    if extra:
+        raise ConfigError(f"{where}{extra[0]}: unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def build_config(
+    data: dict | None = None, upstream_overrides: list[str] = (), cache_dir: str | None = None
+) -> Config:
+    """Merge defaults, a parsed YAML document and command-line overrides into a validated :class:`Config`."""
+    data = _mapping(data, "(top level)")
+    _unknown(data, _TOP_KEYS, "")
+
+    upstreams = {name: Upstream(name, url) for name, url in DEFAULT_UPSTREAMS.items()}
+    for name, spec in _mapping(data.get("upstreams"), "upstreams").items():
+        key = f"upstreams.{name}"
+        _check_registry(name, key)
+        if isinstance(spec, str):
+            spec = {"url": spec}
+        spec = _mapping(spec, key)
+        _unknown(spec, _UPSTREAM_KEYS, key + ".")
+        if "url" not in spec:
+            raise ConfigError(f"{key}.url: missing")
+        username, password = spec.get("username"), spec.get("password")
+        if (username is None) != (password is None):
+            raise ConfigError(f"{key}: username and password go together")
+        upstreams[name] = Upstream(name, _check_url(spec["url"], key + ".url"), username, password)
+    for override in upstream_overrides:
+        name, sep, url = override.partition("=")
+        if not sep:
+            raise ConfigError(f"--upstream: expected REGISTRY=URL, got {override!r}")
+        old = upstreams.get(name)
+        key = f"--upstream {name}"
+        upstreams[name] = Upstream(
+            _check_registry(name, key),
+            _check_url(url, key),
+            old.username if old else None,
+            old.password if old else None,
+        )
+
+    hosts = {}
+    for host, registry in _mapping(data.get("hosts"), "hosts").items():
+        if registry not in upstreams:
+            raise ConfigError(f"hosts.{host}: {registry!r} is not among the upstreams")
+        hosts[str(host).lower()] = registry
+
+    cache = _mapping(data.get("cache"), "cache")
+    _unknown(cache, _CACHE_KEYS, "cache.")
+    enabled = cache.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"cache.enabled: expected true or false, got {enabled!r}")
+    directory = cache_dir or cache.get("dir", "./data")
+    if not isinstance(directory, str) or not directory:
+        raise ConfigError(f"cache.dir: expected a path, got {directory!r}")
+
+    default = data.get("default_registry", "docker.io")
+    if default not in upstreams:
+        raise ConfigError(f"default_registry: {default!r} is not among the upstreams")
+
+    timeouts = _mapping(data.get("timeouts"), "timeouts")
+    _unknown(timeouts, _TIMEOUT_KEYS, "timeouts.")
+
+    return Config(
+        upstreams=upstreams,
+        hosts=hosts,
+        cache_dir=directory,
+        cache_enabled=enabled,
+        tag_ttl=parse_duration(cache.get("tag_ttl", 300), "cache.tag_ttl"),
+        default_registry=default,
+        connect_timeout=parse_duration(timeouts.get("connect", 10), "timeouts.connect"),
+        read_timeout=parse_duration(timeouts.get("read", 60), "timeouts.read"),
+    )
+
+
+def load_config(path: str | None, upstream_overrides: list[str] = (), cache_dir: str | None = None) -> Config:
+    data = None
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    return build_config(data, upstream_overrides, cache_dir)

@@ -1,0 +1,256 @@
+"""One fill per blob digest: the upstream bytes go to a temp file while sha256 runs; readers follow the file.
+
+The fill never waits for a reader, so a slow client cannot slow the download, and memory stays flat whatever the
+blob's size. Readers may only read up to ``readable()``, which holds back the tail of the blob until its digest
+is confirmed: no client ever receives a complete body whose digest is wrong. On a mismatch the fill fails,
+the temp file is removed and every reader's connection is aborted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Callable
+
+from twisted.internet import defer, protocol, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import client as webclient
+
+from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
+from dioproxy.storage import DiskStorage
+from dioproxy.upstream import UpstreamClient, header
+
+log = Logger()
+
+#: Bytes withheld from readers until the digest is verified.
+HOLD_BACK = 64 * 1024
+#: How many times a broken upstream body is resumed with ``Range`` before the fill gives up.
+RESUMES = 3
+
+
+class FillFailed(Exception):
+    """The fill could not produce verified bytes; readers abort their connections."""
+
+
+class Fill:
+    """A download of one blob in progress, readable by any number of followers."""
+
+    def __init__(self, digest: str, path: str) -> None:
+        self.digest = digest
+        self.path = path
+        self.size: int | None = None
+        self.written = 0
+        self.done = False
+        self.failure: Failure | None = None
+        self.answered = False  # the upstream answered 200/206: ``size`` is known (or known to be unknown)
+        self._waiters: list[defer.Deferred] = []
+
+    async def ready(self) -> None:
+        """Wait until the upstream answered; raises what the fill failed with (404 → BLOB_UNKNOWN)."""
+        while not (self.answered or self.failure):
+            await self.wait()
+        if self.failure:
+            self.failure.raiseException()
+
+    def readable(self) -> int:
+        """How many bytes a reader may have right now."""
+        if self.done:
+            return self.written
+        limit = self.written - HOLD_BACK
+        if self.size is not None:
+            limit = min(limit, self.size - 1)
+        return max(0, limit)
+
+    def wait(self) -> defer.Deferred:
+        """Fires on the next progress (more bytes, success or failure)."""
+        d: defer.Deferred = defer.Deferred()
+        if self.done or self.failure:
+            d.callback(None)
+        else:
+            self._waiters.append(d)
+        return d
+
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+class _BodyWriter(protocol.Protocol):
+    """Appends an upstream body to the fill's file, hashing as it goes; resets a stall timer on each chunk."""
+
+    def __init__(self, runner: _FillRunner, skip: int) -> None:
+        self.runner = runner
+        self.skip = skip  # bytes to drop: a 200 answer to a Range request restarts from zero
+        self.lost: defer.Deferred = defer.Deferred()
+        self._timer = None
+
+    def connectionMade(self) -> None:
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.runner.read_timeout)
+        else:
+            self._timer = self.runner.reactor.callLater(self.runner.read_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        log.warn("upstream stalled on {digest}; dropping the connection", digest=self.runner.fill.digest)
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._arm()
+        if self.skip:
+            cut = min(self.skip, len(data))
+            self.skip -= cut
+            data = data[cut:]
+            if not data:
+                return
+        try:
+            self.runner.append(data)
+        except (OSError, FillFailed) as e:
+            self.runner.error = e
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.lost.callback(reason)
+
+
+class _FillRunner:
+    """Drives one :class:`Fill` from the upstream: request, resume on a cut, verify, commit."""
+
+    def __init__(
+        self,
+        fill: Fill,
+        fd: int,
+        client: UpstreamClient,
+        name: str,
+        storage: DiskStorage,
+        reactor: Any,
+        read_timeout: float,
+    ) -> None:
+        self.fill = fill
+        self.fd = fd
+        self.client = client
+        self.name = name
+        self.storage = storage
+        self.reactor = reactor
+        self.read_timeout = read_timeout
+        self.sha = hashlib.sha256()
+        self.error: Exception | None = None
+
+    def append(self, data: bytes) -> None:
+        fill = self.fill
+        if fill.size is not None and fill.written + len(data) > fill.size:
+            raise FillFailed(f"upstream sent more than the {fill.size} bytes it announced")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.sha.update(data)
+        fill.written += len(data)
+        fill._notify()
+
+    async def run(self) -> None:
+        fill = self.fill
+        path = f"/v2/{self.name}/blobs/{fill.digest}"
+        attempt = 0
+        while True:
+            headers = {"Range": f"bytes={fill.written}-"} if fill.written else {}
+            response = await self.client.request("GET", path, self.name, headers)
+            skip = self._check_response(response)
+            if not fill.answered:
+                fill.answered = True
+                fill._notify()
+            writer = _BodyWriter(self, skip)
+            response.deliverBody(writer)
+            reason = await writer.lost
+            if self.error is not None:
+                raise FillFailed(str(self.error))
+            if reason.check(webclient.ResponseDone) and (fill.size is None or fill.written == fill.size):
+                break
+            attempt += 1
+            if attempt > RESUMES:
+                raise FillFailed(f"upstream body broke off at {fill.written} bytes, {RESUMES} resumes failed")
+            log.info(
+                "upstream body of {digest} broke off at {n} bytes; resuming",
+                digest=fill.digest,
+                n=fill.written,
+            )
+        got = "sha256:" + self.sha.hexdigest()
+        if got != fill.digest:
+            raise FillFailed(f"upstream sent bytes with digest {got}, not {fill.digest}")
+        await threads.deferToThread(os.fsync, self.fd)
+        self.storage.commit_blob(fill.path, fill.digest)
+
+    def _check_response(self, response: Any) -> int:
+        """Learn the size from the first answer; on a resume, how many bytes to skip. Raises on errors."""
+        fill = self.fill
+        if response.code == 404:
+            raise blob_unknown(fill.digest)
+        if response.code == 200:
+            length = response.length if isinstance(response.length, int) else None
+            if fill.size is None:
+                fill.size = length
+            elif length is not None and length != fill.size:
+                raise FillFailed(f"upstream changed the size of {fill.digest}")
+            return fill.written
+        if response.code == 206 and fill.written:
+            content_range = header(response, "Content-Range") or ""
+            if content_range.startswith(f"bytes {fill.written}-"):
+                return 0
+        raise UpstreamError(self.client.registry, f"HTTP {response.code} for blob {fill.digest}", 502)
+
+
+class FillManager:
+    """Finds or starts the one fill for a digest, so concurrent requests never cause a second upstream GET."""
+
+    def __init__(
+        self,
+        storage: DiskStorage,
+        reactor: Any,
+        read_timeout: float = 60.0,
+        on_done: Callable[[Fill, float], None] | None = None,
+    ) -> None:
+        self.storage = storage
+        self.reactor = reactor
+        self.read_timeout = read_timeout
+        self.on_done = on_done
+        self.fills: dict[str, Fill] = {}
+
+    def get(self, digest: str) -> Fill | None:
+        return self.fills.get(digest)
+
+    def start(self, digest: str, client: UpstreamClient, name: str) -> Fill:
+        existing = self.fills.get(digest)
+        if existing is not None:
+            return existing
+        path, fd = self.storage.temp_file(digest)
+        fill = Fill(digest, path)
+        self.fills[digest] = fill
+        runner = _FillRunner(fill, fd, client, name, self.storage, self.reactor, self.read_timeout)
+        began = self.reactor.seconds()
+        d = defer.ensureDeferred(runner.run())
+        d.addBoth(self._finished, fill, fd, began)
+        return fill
+
+    def _finished(self, result: Any, fill: Fill, fd: int, began: float) -> None:
+        os.close(fd)
+        del self.fills[fill.digest]
+        if isinstance(result, Failure):
+            fill.failure = result
+            try:
+                os.unlink(fill.path)
+            except FileNotFoundError:
+                pass
+            if not isinstance(result.value, RegistryError):
+                log.warn("fill of {digest} failed: {why}", digest=fill.digest, why=result.getErrorMessage())
+            fill._notify()
+        else:
+            fill.done = True
+            fill.size = fill.written
+            if self.on_done:
+                self.on_done(fill, self.reactor.seconds() - began)
+            fill._notify()

@@ -1,0 +1,256 @@
+"""Manifests: digest-keyed bytes (verified), tags mapped to digests for ``tag_ttl``, revalidated with HEAD.
+
+Docker Hub counts manifest GETs, not HEADs, against its rate limit: a tag within its TTL costs the upstream
+nothing; past it, one HEAD; a body is fetched only when the digest is new. When the upstream fails, the last known
+digest is served (stale) rather than failing the pull.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from twisted.logger import Logger
+
+from dioproxy.errors import RegistryError, UpstreamError, manifest_unknown
+from dioproxy.names import is_digest
+from dioproxy.routing import Target
+from dioproxy.singleflight import SingleFlight
+from dioproxy.storage import DiskStorage, TagEntry
+from dioproxy.upstream import MANIFEST_TYPES, UpstreamClient, discard, header, read_limited
+
+log = Logger()
+
+MAX_MANIFEST = 4 * 1024 * 1024
+INDEX_TYPES = {
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+}
+ACCEPT = ", ".join(MANIFEST_TYPES)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: str
+    media_type: str
+    body: bytes
+    outcome: str  # hit | miss | stale | pass
+
+
+def sha256_digest(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def media_type_of(body: bytes, declared: str | None) -> str:
+    """The upstream's Content-Type, or the ``mediaType`` field when the upstream sent something generic."""
+    if declared and declared.split(";")[0].strip() in MANIFEST_TYPES:
+        return declared.split(";")[0].strip()
+    try:
+        field = json.loads(body).get("mediaType")
+    except (ValueError, AttributeError):
+        field = None
+    return (
+        field
+        if isinstance(field, str) and field
+        else (declared or "application/vnd.oci.image.manifest.v1+json")
+    )
+
+
+class ManifestStore:
+    """Manifest bytes by digest: a bounded in-memory LRU in front of the disk."""
+
+    def __init__(self, storage: DiskStorage | None, memory_budget: int = 64 * 1024 * 1024) -> None:
+        self.storage = storage
+        self.budget = memory_budget
+        self._lru: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, digest: str) -> tuple[str, bytes] | None:
+        entry = self._lru.get(digest)
+        if entry is not None:
+            self._lru.move_to_end(digest)
+            return entry
+        entry = self.storage.read_manifest(digest) if self.storage else None
+        if entry is not None:
+            self._remember(digest, entry)
+        return entry
+
+    def put(self, digest: str, media_type: str, body: bytes) -> None:
+        if self.storage:
+            self.storage.write_manifest(digest, media_type, body)
+        self._remember(digest, (media_type, body))
+
+    def _remember(self, digest: str, entry: tuple[str, bytes]) -> None:
+        if digest in self._lru:
+            return
+        self._lru[digest] = entry
+        self._bytes += len(entry[1])
+        while self._bytes > self.budget and len(self._lru) > 1:
+            _, (_, old) = self._lru.popitem(last=False)
+            self._bytes -= len(old)
+
+
+class TagIndex:
+    """Tag → digest entries, in memory, written through to disk so they survive restarts."""
+
+    def __init__(self, storage: DiskStorage | None) -> None:
+        self.storage = storage
+        self._entries: dict[tuple[str, str, str], TagEntry | None] = {}
+
+    def get(self, registry: str, name: str, tag: str) -> TagEntry | None:
+        key = (registry, name, tag)
+        if key not in self._entries:
+            self._entries[key] = self.storage.read_tag(*key) if self.storage else None
+        return self._entries[key]
+
+    def put(self, registry: str, name: str, tag: str, entry: TagEntry) -> None:
+        self._entries[(registry, name, tag)] = entry
+        if self.storage:
+            self.storage.write_tag(registry, name, tag, entry)
+
+    def forget(self, registry: str, name: str, tag: str) -> None:
+        self._entries[(registry, name, tag)] = None
+        if self.storage:
+            self.storage.delete_tag(registry, name, tag)
+
+
+class Manifests:
+    """Answers manifest requests from the cache, asking the upstream only when it must."""
+
+    def __init__(
+        self,
+        store: ManifestStore,
+        tags: TagIndex,
+        client_for: Callable[[Target], UpstreamClient],
+        clock: Callable[[], float],
+        tag_ttl: float,
+        caching: bool = True,
+    ) -> None:
+        self.store = store
+        self.tags = tags
+        self.client_for = client_for
+        self.clock = clock
+        self.tag_ttl = tag_ttl
+        self.caching = caching
+        self._flights = SingleFlight()
+
+    async def get(self, target: Target, reference: str) -> Manifest:
+        """The manifest for a tag or digest; concurrent identical requests share one upstream exchange."""
+        key = (target.registry, target.name, reference)
+        return await self._flights.run(key, lambda: self._get(target, reference))
+
+    async def _get(self, target: Target, reference: str) -> Manifest:
+        if not self.caching:
+            media_type, body = await self._fetch(target, reference)
+            digest = sha256_digest(body)
+            if is_digest(reference) and digest != reference:
+                raise _mismatch(target, reference)
+            return Manifest(digest, media_type, body, "pass")
+        if is_digest(reference):
+            return await self._by_digest(target, reference)
+        return await self._by_tag(target, reference)
+
+    async def _by_digest(self, target: Target, digest: str, outcome: str = "hit") -> Manifest:
+        cached = self.store.get(digest)
+        if cached is not None:
+            return Manifest(digest, cached[0], cached[1], outcome)
+        media_type, body = await self._fetch(target, digest)
+        if sha256_digest(body) != digest:
+            raise _mismatch(target, digest)
+        self.store.put(digest, media_type, body)
+        return Manifest(digest, media_type, body, "miss")
+
+    async def _by_tag(self, target: Target, tag: str) -> Manifest:
+        registry, name = target.registry, target.name
+        entry = self.tags.get(registry, name, tag)
+        now = self.clock()
+        if entry is not None and now - entry.checked < self.tag_ttl:
+            cached = self.store.get(entry.digest)
+            if cached is not None:
+                return Manifest(entry.digest, cached[0], cached[1], "hit")
+        try:
+            digest = await self._head(target, tag) if entry is not None else None
+            if digest is not None and self.store.get(digest) is not None:
+                self.tags.put(registry, name, tag, _touched(entry, digest, self.store.get(digest), now))
+                return await self._by_digest(target, digest, "hit")
+            if digest is not None:
+                manifest = await self._by_digest(target, digest)
+            else:
+                media_type, body = await self._fetch(target, tag)
+                manifest = Manifest(sha256_digest(body), media_type, body, "miss")
+                self.store.put(manifest.digest, media_type, body)
+        except UpstreamError as e:
+            cached = self.store.get(entry.digest) if entry is not None else None
+            if cached is None:
+                raise
+            log.warn(
+                "upstream {registry} failed ({why}); serving stale {name}:{tag}",
+                registry=registry,
+                why=e.reason,
+                name=name,
+                tag=tag,
+            )
+            return Manifest(entry.digest, cached[0], cached[1], "stale")
+        except RegistryError as e:
+            if e.code == "MANIFEST_UNKNOWN":
+                self.tags.forget(registry, name, tag)
+            raise
+        self.tags.put(
+            registry, name, tag, TagEntry(manifest.digest, manifest.media_type, len(manifest.body), now)
+        )
+        return manifest
+
+    async def _head(self, target: Target, tag: str) -> str | None:
+        """The tag's current digest by HEAD (free on Docker Hub), or None if the upstream will not say."""
+        client = self.client_for(target)
+        response = await client.request(
+            "HEAD", f"/v2/{target.name}/manifests/{tag}", target.name, {"Accept": ACCEPT}
+        )
+        await discard(response)
+        if response.code == 404:
+            raise manifest_unknown(target.name, tag)
+        digest = header(response, "Docker-Content-Digest")
+        return digest if response.code == 200 and digest and digest.startswith("sha256:") else None
+
+    async def _fetch(self, target: Target, reference: str) -> tuple[str, bytes]:
+        client = self.client_for(target)
+        response = await client.request(
+            "GET", f"/v2/{target.name}/manifests/{reference}", target.name, {"Accept": ACCEPT}
+        )
+        if response.code != 200:
+            await discard(response)
+            if response.code in (404, 401, 403):
+                raise manifest_unknown(target.name, reference)
+            raise UpstreamError(
+                target.registry, f"HTTP {response.code} for manifest {reference}", response.code
+            )
+        if isinstance(response.length, int) and response.length > MAX_MANIFEST:
+            await discard(response)
+            raise _too_large(target, reference)
+        try:
+            body = await read_limited(response, MAX_MANIFEST)
+        except ValueError:
+            raise _too_large(target, reference) from None
+        return media_type_of(body, header(response, "Content-Type")), body
+
+
+def _too_large(target: Target, reference: str) -> RegistryError:
+    return RegistryError(
+        502,
+        "MANIFEST_INVALID",
+        f"upstream {target.registry} sent a manifest over {MAX_MANIFEST} bytes",
+        {"name": target.name, "reference": reference},
+    )
+
+
+def _mismatch(target: Target, digest: str) -> RegistryError:
+    return RegistryError(
+        502, "DIGEST_INVALID", f"upstream {target.registry} sent a manifest that does not match {digest}"
+    )
+
+
+def _touched(entry: TagEntry, digest: str, cached: tuple[str, bytes], now: float) -> TagEntry:
+    return TagEntry(digest, cached[0], len(cached[1]), now)

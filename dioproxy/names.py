@@ -1,0 +1,45 @@
+"""Grammar of repository names, tags and digests (distribution spec), checked before anything touches disk."""
+
+from __future__ import annotations
+
+import re
+
+from dioproxy.errors import digest_invalid, name_invalid, tag_invalid
+
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+MAX_NAME = 255
+
+#: A path segment is a registry host if it looks like one (GUIDE §1).
+HOST_RE = re.compile(r"(?:localhost|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+|[A-Za-z0-9.-]+:[0-9]+)(?::[0-9]+)?")
+
+
+def check_name(name: str) -> str:
+    if len(name) > MAX_NAME or not NAME_RE.fullmatch(name):
+        raise name_invalid(name)
+    return name
+
+
+def check_digest(digest: str) -> str:
+    if not DIGEST_RE.fullmatch(digest):
+        raise digest_invalid(digest)
+    return digest
+
+
+def is_digest(reference: str) -> bool:
+    return ":" in reference
+
+
+def check_reference(reference: str) -> str:
+    """A manifest reference is a tag or a digest."""
+    if is_digest(reference):
+        return check_digest(reference)
+    if not TAG_RE.fullmatch(reference):
+        raise tag_invalid(reference)
+    return reference
+
+
+def looks_like_host(segment: str) -> bool:
+    return bool(HOST_RE.fullmatch(segment))

@@ -1,0 +1,389 @@
+"""The twisted.web tree: ``/v2/`` → repository name → manifests | blobs | tags | referrers; ``/token``; ``/healthz``.
+
+Resources stay thin: parse the request, call the :class:`~dioproxy.mirror.Mirror`, write headers and bytes.
+Every failure becomes a registry JSON error; nothing a client sends can produce a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+from urllib.parse import urlencode
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+from dioproxy.errors import RegistryError, UpstreamError, blob_unknown, unsupported
+from dioproxy.manifests import INDEX_TYPES
+from dioproxy.mirror import Mirror
+from dioproxy.names import check_digest, check_reference
+from dioproxy.routing import Target
+from dioproxy.streaming import FileStreamer, UpstreamPipe, parse_range
+from dioproxy.upstream import discard, header, read_limited
+
+log = Logger()
+
+API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+EMPTY_INDEX = json.dumps(
+    {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}
+).encode()
+MAX_LISTING = 16 * 1024 * 1024
+
+
+def arg(request: server.Request, name: str) -> str | None:
+    values = request.args.get(name.encode())
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def request_header(request: server.Request, name: str) -> str | None:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def base_url(request: server.Request) -> str:
+    """Our own URL as the client sees it, behind nginx too (``X-Forwarded-Proto`` / ``X-Forwarded-Host``)."""
+    proto = (request_header(request, "X-Forwarded-Proto") or "").split(",")[0].strip()
+    if proto not in ("http", "https"):
+        proto = "https" if request.isSecure() else "http"
+    host = (request_header(request, "X-Forwarded-Host") or request_header(request, "Host") or "").split(",")[
+        0
+    ]
+    host = host.strip() or f"{request.getHost().host}:{request.getHost().port}"
+    return f"{proto}://{host}"
+
+
+def write_error(request: server.Request, error: RegistryError) -> None:
+    if request.finished or request._disconnected:
+        return
+    if request.startedWriting:
+        request.channel.transport.abortConnection()
+        return
+    request.setResponseCode(error.status)
+    for key, value in error.headers.items():
+        request.setHeader(key, value)
+    body = error.body()
+    request.setHeader("Content-Type", "application/json")
+    request.setHeader("Content-Length", str(len(body)))
+    request.write(body)
+    request.finish()
+
+
+def render_error(request: server.Request, error: RegistryError) -> int:
+    request.setHeader(*API_VERSION)
+    write_error(request, error)
+    return server.NOT_DONE_YET
+
+
+class Endpoint(resource.Resource):
+    """A leaf answering GET and HEAD asynchronously; the rest of the write methods get 405 UNSUPPORTED."""
+
+    isLeaf = True
+
+    def __init__(self, mirror: Mirror, name: str = "", argument: str = "") -> None:
+        super().__init__()
+        self.mirror = mirror
+        self.name = name
+        self.argument = argument
+
+    def render(self, request: server.Request) -> Any:
+        request.setHeader(*API_VERSION)
+        method = request.method.decode("ascii", "replace")
+        if method not in ("GET", "HEAD"):
+            return render_error(request, unsupported(method))
+        d = defer.ensureDeferred(self.handle(request, method == "HEAD"))
+        d.addErrback(self._failed, request)
+        return server.NOT_DONE_YET
+
+    async def handle(self, request: server.Request, head: bool) -> None:
+        raise NotImplementedError
+
+    def target(self, request: server.Request) -> Target:
+        target = self.mirror.route(self.name, arg(request, "ns"), request_header(request, "Host"))
+        request.dioproxy_registry = target.registry
+        request.setHeader("OCI-Namespace", target.registry)
+        return target
+
+    def _failed(self, failure: Failure, request: server.Request) -> None:
+        error = failure.value
+        if isinstance(error, UpstreamError):
+            log.warn("{method} {uri}: {why}", method=request.method, uri=request.uri, why=error)
+            error = error.to_registry_error()
+        if not isinstance(error, RegistryError):
+            log.failure("unexpected error on {uri}", failure, uri=request.uri)
+            error = RegistryError(500, "UNKNOWN", "internal error; see the proxy's log")
+        write_error(request, error)
+
+    def finish(self, request: server.Request, body: bytes, content_type: str, head: bool) -> None:
+        if request._disconnected:
+            return
+        request.setHeader("Content-Type", content_type)
+        request.setHeader("Content-Length", str(len(body)))
+        if not head:
+            request.write(body)
+        request.finish()
+
+
+class Base(Endpoint):
+    """``/v2/``: the version check every Docker client starts with."""
+
+    async def handle(self, request: server.Request, head: bool) -> None:
+        self.finish(request, b"{}", "application/json", head)
+
+
+class Manifests(Endpoint):
+    async def handle(self, request: server.Request, head: bool) -> None:
+        target = self.target(request)
+        reference = check_reference(self.argument)
+        manifest = await self.mirror.manifests.get(target, reference)
+        if manifest.media_type in INDEX_TYPES and not _accepts(request, manifest.media_type):
+            manifest = await self._platform_default(target, manifest)
+        request.dioproxy_outcome = manifest.outcome
+        etag = f'"{manifest.digest}"'
+        request.setHeader("Docker-Content-Digest", manifest.digest)
+        request.setHeader("ETag", etag)
+        if etag in (request_header(request, "If-None-Match") or "") and not request._disconnected:
+            request.setResponseCode(304)
+            request.finish()
+            return
+        self.finish(request, manifest.body, manifest.media_type, head)
+
+    async def _platform_default(self, target: Target, index: Any) -> Any:
+        """An old client that takes no index gets the linux/amd64 image, as the CNCF registry does."""
+        for entry in json.loads(index.body).get("manifests", []):
+            platform = entry.get("platform") or {}
+            if platform.get("os") == "linux" and platform.get("architecture") == "amd64":
+                return await self.mirror.manifests.get(target, check_digest(entry.get("digest", "")))
+        return index
+
+
+def _accepts(request: server.Request, media_type: str) -> bool:
+    accept = ",".join(request.requestHeaders.getRawHeaders("Accept", []))
+    types = {part.split(";")[0].strip() for part in accept.split(",") if part.strip()}
+    return not types or "*/*" in types or media_type in types or not any("manifest" in t for t in types)
+
+
+class Blobs(Endpoint):
+    async def handle(self, request: server.Request, head: bool) -> None:
+        target = self.target(request)
+        digest = check_digest(self.argument)
+        mirror = self.mirror
+        request.setHeader("Docker-Content-Digest", digest)
+        request.setHeader("ETag", f'"{digest}"')
+        if mirror.storage is None:
+            request.dioproxy_outcome = "pass"
+            return await self._pass_through(request, target, digest, head)
+        size = mirror.storage.blob_size(digest)
+        if size is not None:
+            request.dioproxy_outcome = "hit"
+            return self._send_file(request, mirror.storage.blob_path(digest), size, head, None)
+        fill = mirror.fills.get(digest)
+        if fill is None and head:
+            request.dioproxy_outcome = "pass"
+            return await self._pass_through(request, target, digest, head)
+        request.dioproxy_outcome = "miss"
+        if fill is None:
+            fill = mirror.fills.start(digest, mirror.client(target), target.name)
+        await fill.ready()
+        if request._disconnected:
+            return
+        try:
+            path = fill.path if not fill.done else mirror.storage.blob_path(digest)
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # the fill was committed between ready() and open()
+            fd = os.open(mirror.storage.blob_path(digest), os.O_RDONLY)
+        self._send_file(request, fd, fill.size, head, None if fill.done else fill)
+
+    def _send_file(
+        self, request: server.Request, source: str | int, size: int | None, head: bool, fill: Any
+    ) -> None:
+        request.setHeader("Content-Type", "application/octet-stream")
+        request.setHeader("Accept-Ranges", "bytes")
+        start, end = 0, size
+        if size is not None:
+            wanted = parse_range(request_header(request, "Range"), size)
+            if wanted is False:
+                request.setResponseCode(416)
+                request.setHeader("Content-Range", f"bytes */{size}")
+                request.setHeader("Content-Length", "0")
+                return _finish_quietly(request, source)
+            if wanted:
+                start, end = wanted
+                request.setResponseCode(206)
+                request.setHeader("Content-Range", f"bytes {start}-{end - 1}/{size}")
+            request.setHeader("Content-Length", str(end - start))
+        if head:
+            return _finish_quietly(request, source)
+        FileStreamer(request, source, start, end, fill).start()
+
+    async def _pass_through(self, request: server.Request, target: Target, digest: str, head: bool) -> None:
+        """No cache: the upstream body producer is piped straight into the request, backpressure included."""
+        headers = {}
+        wanted = request_header(request, "Range")
+        if wanted and not head:
+            headers["Range"] = wanted
+        path = f"/v2/{target.name}/blobs/{digest}"
+        response = await self.mirror.client(target).request(
+            "HEAD" if head else "GET", path, target.name, headers
+        )
+        if response.code == 404:
+            await discard(response)
+            raise blob_unknown(digest)
+        if response.code not in (200, 206, 416):
+            await discard(response)
+            raise UpstreamError(target.registry, f"HTTP {response.code} for blob {digest}", response.code)
+        request.setResponseCode(response.code)
+        for name in ("Content-Length", "Content-Range"):
+            value = header(response, name)
+            if value:
+                request.setHeader(name, value)
+        request.setHeader("Content-Type", "application/octet-stream")
+        request.setHeader("Accept-Ranges", "bytes")
+        if head or response.code == 416:
+            await discard(response)
+            request.finish()
+            return
+        response.deliverBody(UpstreamPipe(request, digest if response.code == 200 else None))
+
+
+def _finish_quietly(request: server.Request, source: str | int) -> None:
+    if isinstance(source, int):
+        os.close(source)
+    request.finish()
+
+
+class Tags(Endpoint):
+    """``tags/list`` passes through; the ``Link`` to the next page is rewritten to point at us."""
+
+    async def handle(self, request: server.Request, head: bool) -> None:
+        target = self.target(request)
+        query = {k: arg(request, k) for k in ("n", "last") if arg(request, k) is not None}
+        path = f"/v2/{target.name}/tags/list" + ("?" + urlencode(query) if query else "")
+        request.dioproxy_outcome = "pass"
+        response = await self.mirror.client(target).request("GET", path, target.name)
+        if response.code in (401, 403, 404):
+            await discard(response)
+            raise RegistryError(
+                404, "NAME_UNKNOWN", "repository name not known to registry", {"name": self.name}
+            )
+        if response.code != 200:
+            await discard(response)
+            raise UpstreamError(
+                target.registry, f"HTTP {response.code} for tags of {target.name}", response.code
+            )
+        body = await read_limited(response, MAX_LISTING)
+        link = header(response, "Link")
+        if link:
+            request.setHeader("Link", self._rewrite_link(request, link))
+        self.finish(request, body, "application/json", head)
+
+    def _rewrite_link(self, request: server.Request, link: str) -> str:
+        match = re.search(r"<[^>]*\?([^>]*)>", link)
+        query = match.group(1) if match else ""
+        ns = arg(request, "ns")
+        if ns:
+            query += ("&" if query else "") + urlencode({"ns": ns})
+        return f'<{base_url(request)}/v2/{self.name}/tags/list?{query}>; rel="next"'
+
+
+class Referrers(Endpoint):
+    """The OCI referrers API: passed through, or an empty index when the upstream does not have it."""
+
+    async def handle(self, request: server.Request, head: bool) -> None:
+        target = self.target(request)
+        digest = check_digest(self.argument)
+        request.dioproxy_outcome = "pass"
+        query = {"artifactType": arg(request, "artifactType")} if arg(request, "artifactType") else {}
+        path = f"/v2/{target.name}/referrers/{digest}" + ("?" + urlencode(query) if query else "")
+        response = await self.mirror.client(target).request("GET", path, target.name)
+        if response.code != 200:
+            await discard(response)
+            self.finish(request, EMPTY_INDEX, "application/vnd.oci.image.index.v1+json", head)
+            return
+        body = await read_limited(response, MAX_LISTING)
+        self.finish(request, body, header(response, "Content-Type") or "application/json", head)
+
+
+_ENDPOINTS = {"manifests": Manifests, "blobs": Blobs, "referrers": Referrers}
+
+
+class V2(resource.Resource):
+    """``/v2/``; below it the repository name may have any number of segments, so we split from the right."""
+
+    def __init__(self, mirror: Mirror) -> None:
+        super().__init__()
+        self.mirror = mirror
+
+    def render(self, request: server.Request) -> Any:
+        return Base(self.mirror).render(request)
+
+    def getChild(self, segment: bytes, request: server.Request) -> resource.Resource:
+        parts = [segment, *request.postpath]
+        request.postpath = []
+        if parts == [b""]:
+            return Base(self.mirror)
+        try:
+            text = [p.decode("ascii") for p in parts]
+        except UnicodeDecodeError:
+            return ErrorPage(RegistryError(400, "NAME_INVALID", "invalid repository name"))
+        if len(text) >= 3 and text[-2] in _ENDPOINTS:
+            return _ENDPOINTS[text[-2]](self.mirror, "/".join(text[:-2]), text[-1])
+        if len(text) >= 3 and text[-2:] == ["tags", "list"]:
+            return Tags(self.mirror, "/".join(text[:-2]))
+        if request.method not in (b"GET", b"HEAD"):
+            return ErrorPage(unsupported(request.method.decode("ascii", "replace")))
+        return ErrorPage(RegistryError(404, "NOT_FOUND", "no such endpoint in the registry API"))
+
+
+class ErrorPage(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, error: RegistryError) -> None:
+        super().__init__()
+        self.error = error
+
+    def render(self, request: server.Request) -> Any:
+        return render_error(request, self.error)
+
+
+class Token(Endpoint):
+    """The seed's ``/token``: forwards to the routed registry's token realm, adding ``library/`` on docker.io."""
+
+    async def handle(self, request: server.Request, head: bool) -> None:
+        scope = arg(request, "scope") or ""
+        parts = scope.split(":")
+        name = parts[1] if len(parts) >= 3 and parts[0] == "repository" else ""
+        if name:
+            target = self.mirror.route(name, arg(request, "ns"), request_header(request, "Host"))
+            registry, upstream_scope = target.registry, f"repository:{target.name}:pull"
+        else:
+            registry = arg(request, "ns") or self.mirror.config.default_registry
+            if registry not in self.mirror.clients:
+                raise RegistryError(404, "NAME_UNKNOWN", f"registry {registry!r} is not mirrored here")
+            upstream_scope = ""
+        request.dioproxy_registry = registry
+        request.dioproxy_outcome = "pass"
+        answer = await self.mirror.clients[registry].token(upstream_scope)
+        self.finish(request, json.dumps(answer).encode(), "application/json", head)
+
+
+class Health(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader("Content-Type", "application/json")
+        return b'{"status":"ok"}'
+
+
+class Root(resource.Resource):
+    def __init__(self, mirror: Mirror) -> None:
+        super().__init__()
+        self.putChild(b"v2", V2(mirror))
+        self.putChild(b"token", Token(mirror))
+        self.putChild(b"healthz", Health())
+
+    def getChild(self, segment: bytes, request: server.Request) -> resource.Resource:
+        return ErrorPage(RegistryError(404, "NOT_FOUND", "not found: this is a registry mirror, see /v2/"))

@@ -1,0 +1,48 @@
+"""The HTTP site: our request type (start time, cache outcome, registry) and one access-log line per request."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web import server
+
+log = Logger(namespace="dioproxy.access")
+
+
+class MirrorRequest(server.Request):
+    """A request that remembers what the access log needs to say about it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dioproxy_started = time.monotonic()
+        self.dioproxy_outcome = "-"
+        self.dioproxy_registry = "-"
+        self.dioproxy_logged = False
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        if not self.finished:
+            self.site.log(self, aborted=True)
+
+
+class MirrorSite(server.Site):
+    requestFactory = MirrorRequest
+
+    def log(self, request: MirrorRequest, aborted: bool = False) -> None:
+        if request.dioproxy_logged:
+            return
+        request.dioproxy_logged = True
+        log.info(
+            "{client} {method} {uri} {status} {bytes} {ms:.1f}ms {outcome} {registry}{aborted}",
+            client=request.getClientAddress().host if request.getClientAddress() else "-",
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("ascii", "replace")[:500],
+            status=request.code,
+            bytes=request.sentLength,
+            ms=(time.monotonic() - request.dioproxy_started) * 1000,
+            outcome=request.dioproxy_outcome,
+            registry=request.dioproxy_registry,
+            aborted=" aborted" if aborted else "",
+        )

@@ -1,0 +1,182 @@
+"""Moving bytes to clients: a push producer over a (possibly growing) file, a pipe from upstream, Range parsing.
+
+Both respect the client's backpressure: the transport pauses us when its buffer is full and resumes us when it
+drains, so memory per client is one chunk whatever the blob size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Any
+
+from twisted.internet import interfaces, protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import client as webclient
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from dioproxy.fill import Fill
+
+log = Logger()
+
+CHUNK = 256 * 1024
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(value: str | None, size: int) -> tuple[int, int] | bool | None:
+    """``(start, end_exclusive)`` for one satisfiable byte range; ``None`` to serve it whole; ``False`` if unsatisfiable.
+
+    Several ranges, or a header we do not understand, are served whole (RFC 9110 allows ignoring Range).
+    """
+    if not value:
+        return None
+    match = _RANGE.fullmatch(value.strip())
+    if not match or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.groups()
+    if first == "":
+        length = int(last)
+        if length == 0:
+            return False
+        return (max(0, size - length), size)
+    start = int(first)
+    end = size if last == "" else min(int(last) + 1, size)
+    if start >= size or end <= start:
+        return False
+    return (start, end)
+
+
+def _abort(request: Request) -> None:
+    """Cut the connection so the client cannot mistake what it got for a complete body."""
+    transport = request.channel.transport if request.channel else None
+    if transport is not None:
+        transport.abortConnection()
+
+
+@implementer(interfaces.IPushProducer)
+class FileStreamer:
+    """Sends ``[start, end)`` of a file to a request; follows a :class:`Fill` while the file still grows."""
+
+    def __init__(
+        self, request: Request, source: str | int, start: int, end: int | None, fill: Fill | None = None
+    ) -> None:
+        self.request = request
+        self.fd = os.open(source, os.O_RDONLY) if isinstance(source, str) else source
+        self.pos = start
+        self.end = end
+        self.fill = fill
+        self.sent = 0
+        self._paused = False
+        self._stopped = False
+        self._waiting = False
+
+    def start(self) -> None:
+        self.request.registerProducer(self, True)
+        self._pump()
+
+    def _limit(self) -> int:
+        if self.fill is None or self.fill.done:
+            return self.end if self.end is not None else self.fill.size
+        readable = self.fill.readable()
+        return readable if self.end is None else min(self.end, readable)
+
+    def _pump(self) -> None:
+        while not (self._paused or self._stopped or self._waiting):
+            fill = self.fill
+            if fill is not None and fill.failure is not None:
+                return self._close(abort=True)
+            end = (
+                self.end if self.end is not None else (fill.size if fill is not None and fill.done else None)
+            )
+            if end is not None and self.pos >= end:
+                return self._close(abort=False)
+            limit = self._limit()
+            if self.pos >= limit:
+                self._waiting = True
+                fill.wait().addCallback(self._progress)
+                return
+            data = os.pread(self.fd, min(CHUNK, limit - self.pos), self.pos)
+            if not data:
+                log.error("cache file shrank under a reader at {pos}", pos=self.pos)
+                return self._close(abort=True)
+            self.pos += len(data)
+            self.sent += len(data)
+            self.request.write(data)
+
+    def _progress(self, _: Any) -> None:
+        self._waiting = False
+        self._pump()
+
+    def _close(self, abort: bool) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        os.close(self.fd)
+        self.request.unregisterProducer()
+        if abort:
+            _abort(self.request)
+        else:
+            self.request.finish()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        """The client went away; the fill, if any, goes on for the next client."""
+        if not self._stopped:
+            self._stopped = True
+            os.close(self.fd)
+
+
+class UpstreamPipe(protocol.Protocol):
+    """Pipes an upstream body straight into the request, backpressure included (the no-cache mode).
+
+    With ``digest`` set, the last chunk is held back until the sha256 of the whole body matches it.
+    """
+
+    def __init__(self, request: Request, digest: str | None) -> None:
+        self.request = request
+        self.digest = digest
+        self.sha = hashlib.sha256() if digest else None
+        self.held = b""
+        self.sent = 0
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+        self.request.notifyFinish().addErrback(lambda _: self.transport.stopProducing())
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.sha is None:
+            self._write(data)
+            return
+        self.sha.update(data)
+        self.held, data = data, self.held
+        if data:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        self.sent += len(data)
+        self.request.write(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self.request._disconnected or self.request.finished:
+            return
+        self.request.unregisterProducer()
+        complete = reason.check(webclient.ResponseDone) is not None
+        if complete and self.sha is not None and "sha256:" + self.sha.hexdigest() != self.digest:
+            log.warn(
+                "upstream sent bytes that do not match {digest}; aborting the client", digest=self.digest
+            )
+            complete = False
+        if not complete:
+            return _abort(self.request)
+        if self.held:
+            self._write(self.held)
+        self.request.finish()

@@ -1,0 +1,356 @@
+"""Talking to upstream registries through treq: auth challenges, token cache, redirects, retries.
+
+One :class:`UpstreamClient` per configured registry, all sharing one persistent connection pool. Callers ask for a
+path and get a treq response whose body is still unread, so blobs can be streamed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from base64 import b64encode
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlencode, urljoin, urlsplit
+
+from treq.client import HTTPClient
+from twisted.internet import defer, error, protocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web import client as webclient
+from twisted.web.iweb import IResponse
+
+from dioproxy.config import Config, Upstream
+from dioproxy.errors import UpstreamError
+from dioproxy.singleflight import SingleFlight
+
+log = Logger()
+
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+RETRY_STATUSES = {500, 502, 503, 504}
+REDIRECT_STATUSES = {301, 302, 303, 307, 308}
+MAX_REDIRECTS = 5
+_CHALLENGE_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
+_NETWORK_ERRORS = (
+    error.ConnectError,
+    error.ConnectionLost,
+    error.ConnectionClosed,
+    error.DNSLookupError,
+    error.TimeoutError,
+    defer.CancelledError,
+    webclient.ResponseNeverReceived,
+    webclient.ResponseFailed,
+    webclient.RequestTransmissionFailed,
+)
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str
+    params: dict[str, str]
+
+
+def parse_challenge(header: str) -> Challenge | None:
+    """Parse ``WWW-Authenticate: Bearer realm="…",service="…",scope="…"`` (quoted commas allowed)."""
+    scheme, _, rest = header.strip().partition(" ")
+    if not scheme:
+        return None
+    params = {}
+    for key, value in _CHALLENGE_PARAM.findall(rest):
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        params[key.lower()] = value
+    return Challenge(scheme.lower(), params)
+
+
+def header(response: IResponse, name: str) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None
+
+
+class _Discard(protocol.Protocol):
+    def __init__(self, done: defer.Deferred) -> None:
+        self.done = done
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(None)
+
+
+def discard(response: IResponse) -> defer.Deferred:
+    """Drop a response body we do not want, so its connection can go back to the pool."""
+    done: defer.Deferred = defer.Deferred()
+    response.deliverBody(_Discard(done))
+    return done
+
+
+class _Limited(protocol.Protocol):
+    def __init__(self, limit: int, done: defer.Deferred) -> None:
+        self.limit, self.done, self.parts, self.size = limit, done, [], 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            self.transport.stopProducing()
+            if not self.done.called:
+                self.done.errback(ValueError(f"body larger than {self.limit} bytes"))
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.done.called:
+            return
+        if reason.check(webclient.ResponseDone, webclient.PotentialDataLoss):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
+
+
+def read_limited(response: IResponse, limit: int) -> defer.Deferred:
+    """The whole body, refused (ValueError) past ``limit`` bytes so a hostile upstream cannot fill our memory."""
+    done: defer.Deferred = defer.Deferred()
+    response.deliverBody(_Limited(limit, done))
+    return done
+
+
+class TokenCache:
+    """Bearer tokens per (realm, service, scope), kept until shortly before they expire."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._tokens: dict[tuple, tuple[str, float]] = {}
+        self._clock = clock
+
+    def get(self, key: tuple) -> str | None:
+        entry = self._tokens.get(key)
+        if entry and entry[1] > self._clock():
+            return entry[0]
+        self._tokens.pop(key, None)
+        return None
+
+    def put(self, key: tuple, token: str, expires_in: float) -> None:
+        margin = min(10.0, expires_in / 4)
+        self._tokens[key] = (token, self._clock() + expires_in - margin)
+
+
+class UpstreamClient:
+    """Requests to one registry, authenticated the way the registry asks."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        http: HTTPClient,
+        reactor: Any,
+        tokens: TokenCache | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = 2,
+        backoff: float = 0.25,
+        on_response: Callable[[str, str, int], None] | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.http = http
+        self.reactor = reactor
+        self.tokens = tokens or TokenCache()
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.on_response = on_response
+        self._challenge: Challenge | None = None
+        self._token_flights = SingleFlight()
+
+    @property
+    def registry(self) -> str:
+        return self.upstream.registry
+
+    # -- public -------------------------------------------------------------------------------------------------
+
+    async def request(
+        self, method: str, path: str, name: str | None = None, headers: dict | None = None
+    ) -> IResponse:
+        """``method`` ``path`` on the upstream, with auth, redirects and retries; the body is left unread.
+
+        Raises :class:`UpstreamError` when the registry cannot be reached or keeps failing with 5xx or 429.
+        """
+        url = self.upstream.url + path
+        for attempt in range(self.retries + 1):
+            try:
+                response = await self._authorized(method, url, name, dict(headers or {}))
+            except _NETWORK_ERRORS as e:
+                reason = f"{type(e).__name__}: {e}"
+                if attempt == self.retries:
+                    raise UpstreamError(self.registry, reason) from None
+                log.info(
+                    "upstream {registry} {method} {path}: {reason}; retrying",
+                    registry=self.registry,
+                    method=method,
+                    path=path,
+                    reason=reason,
+                )
+            else:
+                if response.code == 429:
+                    await discard(response)
+                    raise UpstreamError(
+                        self.registry, "rate limited (429)", 429, header(response, "Retry-After")
+                    )
+                if response.code not in RETRY_STATUSES:
+                    return response
+                await discard(response)
+                if attempt == self.retries:
+                    raise UpstreamError(self.registry, f"HTTP {response.code}", response.code)
+                log.info(
+                    "upstream {registry} {method} {path}: HTTP {code}; retrying",
+                    registry=self.registry,
+                    method=method,
+                    path=path,
+                    code=response.code,
+                )
+            await deferLater(self.reactor, self.backoff * 4**attempt, lambda: None)
+        raise AssertionError("unreachable")
+
+    async def token(self, scope: str, service: str | None = None) -> dict:
+        """A token answer from this registry's realm, for the seed-compatible ``/token`` endpoint."""
+        challenge = self._challenge or await self._discover_challenge()
+        if challenge is None or challenge.scheme != "bearer":
+            raise UpstreamError(self.registry, "registry does not use token authentication", 404)
+        params = dict(challenge.params, scope=scope)
+        if service:
+            params["service"] = service
+        return await self._fetch_token(params)
+
+    # -- auth ------------------------------------------------------------------------------------------------------
+
+    def _scope(self, name: str | None) -> str | None:
+        return f"repository:{name}:pull" if name else None
+
+    def _token_key(self, challenge: Challenge, scope: str | None) -> tuple:
+        return (challenge.params.get("realm"), challenge.params.get("service"), scope)
+
+    async def _auth_header(self, name: str | None) -> str | None:
+        """The Authorization we can send up front, learnt from earlier challenges (saves a 401 round trip)."""
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            return self._basic()
+        if challenge.scheme != "bearer":
+            return None
+        scope = self._scope(name) or challenge.params.get("scope")
+        cached = self.tokens.get(self._token_key(challenge, scope))
+        if cached is None:
+            params = dict(challenge.params)
+            params.pop("scope", None)
+            if scope:
+                params["scope"] = scope
+            cached = (await self._fetch_token(params))["token"]
+        return f"Bearer {cached}"
+
+    def _basic(self) -> str | None:
+        creds = self.upstream.credentials
+        if not creds:
+            return None
+        return "Basic " + b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+
+    async def _authorized(self, method: str, url: str, name: str | None, headers: dict) -> IResponse:
+        auth = await self._auth_header(name)
+        if auth:
+            headers["Authorization"] = auth
+        response = await self._follow(method, url, headers)
+        if response.code != 401:
+            return response
+        challenge = parse_challenge(header(response, "WWW-Authenticate") or "")
+        await discard(response)
+        if challenge is None or challenge.scheme not in ("bearer", "basic"):
+            return await self._follow(method, url, {k: v for k, v in headers.items() if k != "Authorization"})
+        self._challenge = challenge
+        if challenge.scheme == "basic":
+            retry_auth = self._basic()
+        else:
+            token = await self._fetch_token(challenge.params)
+            retry_auth = f"Bearer {token['token']}"
+        if retry_auth is None or retry_auth == auth:
+            return await self._follow(method, url, headers)
+        headers["Authorization"] = retry_auth
+        return await self._follow(method, url, headers)
+
+    async def _discover_challenge(self) -> Challenge | None:
+        response = await self._follow("GET", self.upstream.url + "/v2/", {})
+        await discard(response)
+        if response.code == 401:
+            self._challenge = parse_challenge(header(response, "WWW-Authenticate") or "")
+        return self._challenge
+
+    async def _fetch_token(self, params: dict[str, str]) -> dict:
+        """One token request per (realm, service, scope) at a time; concurrent callers share it."""
+        realm = params.get("realm", "")
+        if urlsplit(realm).scheme not in ("http", "https"):
+            raise UpstreamError(self.registry, f"token realm is not an http(s) URL: {realm[:100]!r}")
+        key = (realm, params.get("service"), params.get("scope"))
+        cached = self.tokens.get(key)
+        if cached:
+            return {"token": cached}
+        return await self._token_flights.run(key, lambda: self._token_request(realm, key, params))
+
+    async def _token_request(self, realm: str, key: tuple, params: dict[str, str]) -> dict:
+        query = {k: v for k, v in params.items() if k in ("service", "scope") and v}
+        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
+        headers = {}
+        basic = self._basic()
+        if basic:
+            headers["Authorization"] = basic
+        try:
+            response = await self._follow("GET", url, headers)
+            body = await read_limited(response, 1 << 20)
+        except _NETWORK_ERRORS as e:
+            raise UpstreamError(self.registry, f"token service unreachable: {type(e).__name__}") from None
+        if response.code != 200:
+            raise UpstreamError(self.registry, f"token service answered HTTP {response.code}", response.code)
+        try:
+            answer = json.loads(body)
+            token = answer.get("token") or answer.get("access_token")
+            expires_in = float(answer.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            raise UpstreamError(
+                self.registry, "token service answered something that is not a token"
+            ) from None
+        if not isinstance(token, str) or not token:
+            raise UpstreamError(self.registry, "token service answered no token")
+        self.tokens.put(key, token, expires_in)
+        answer.setdefault("token", token)
+        answer.setdefault("expires_in", int(expires_in))
+        return answer
+
+    # -- transport ------------------------------------------------------------------------------------------------
+
+    async def _follow(self, method: str, url: str, headers: dict) -> IResponse:
+        """Send and follow redirects ourselves: ``Authorization`` never goes to another host (Docker Hub's CDN)."""
+        origin = urlsplit(url).netloc
+        for _ in range(MAX_REDIRECTS + 1):
+            response = await self.http.request(
+                method, url, headers=headers, allow_redirects=False, unbuffered=True, timeout=self.timeout
+            )
+            if self.on_response:
+                self.on_response(self.registry, method, response.code)
+            location = header(response, "Location")
+            if response.code not in REDIRECT_STATUSES or not location:
+                return response
+            await discard(response)
+            url = urljoin(url, location)
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise UpstreamError(self.registry, f"redirect to a non-HTTP URL refused: {url[:100]!r}", 502)
+            if urlsplit(url).netloc != origin:
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        raise UpstreamError(self.registry, "too many redirects", 502)
+
+
+def make_http_client(reactor: Any, config: Config) -> HTTPClient:
+    """One persistent pool for all upstreams; TLS verified against the system trust store by default."""
+    pool = webclient.HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 16
+    pool.cachedConnectionTimeout = 120
+    agent = webclient.Agent(reactor, connectTimeout=config.connect_timeout, pool=pool)
+    return HTTPClient(agent)
