@@ -108,9 +108,7 @@ def _unknown(given: dict, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}{extra[0]}: unknown key (known: {', '.join(sorted(allowed))})")
 
 
-def build_config(
-    data: dict | None = None, upstream_overrides: list[str] = (), cache_dir: str | None = None
-) -> Config:
+def build_config(data: dict | None = None, upstream_overrides: list[str] = (), cache_dir: str | None = None) -> Config:
     """Merge defaults, a parsed YAML document and command-line overrides into a validated :class:`Config`."""
     data = _mapping(data, "(top level)")
     _unknown(data, _TOP_KEYS, "")

@@ -8,6 +8,7 @@ the temp file is removed and every reader's connection is aborted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from typing import Any, Callable
@@ -241,10 +242,8 @@ class FillManager:
         del self.fills[fill.digest]
         if isinstance(result, Failure):
             fill.failure = result
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(fill.path)
-            except FileNotFoundError:
-                pass
             if not isinstance(result.value, RegistryError):
                 log.warn("fill of {digest} failed: {why}", digest=fill.digest, why=result.getErrorMessage())
             fill._notify()

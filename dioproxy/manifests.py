@@ -52,11 +52,7 @@ def media_type_of(body: bytes, declared: str | None) -> str:
         field = json.loads(body).get("mediaType")
     except (ValueError, AttributeError):
         field = None
-    return (
-        field
-        if isinstance(field, str) and field
-        else (declared or "application/vnd.oci.image.manifest.v1+json")
-    )
+    return field if isinstance(field, str) and field else (declared or "application/vnd.oci.image.manifest.v1+json")
 
 
 class ManifestStore:
@@ -198,17 +194,13 @@ class Manifests:
             if e.code == "MANIFEST_UNKNOWN":
                 self.tags.forget(registry, name, tag)
             raise
-        self.tags.put(
-            registry, name, tag, TagEntry(manifest.digest, manifest.media_type, len(manifest.body), now)
-        )
+        self.tags.put(registry, name, tag, TagEntry(manifest.digest, manifest.media_type, len(manifest.body), now))
         return manifest
 
     async def _head(self, target: Target, tag: str) -> str | None:
         """The tag's current digest by HEAD (free on Docker Hub), or None if the upstream will not say."""
         client = self.client_for(target)
-        response = await client.request(
-            "HEAD", f"/v2/{target.name}/manifests/{tag}", target.name, {"Accept": ACCEPT}
-        )
+        response = await client.request("HEAD", f"/v2/{target.name}/manifests/{tag}", target.name, {"Accept": ACCEPT})
         await discard(response)
         if response.code == 404:
             raise manifest_unknown(target.name, tag)
@@ -224,9 +216,7 @@ class Manifests:
             await discard(response)
             if response.code in (404, 401, 403):
                 raise manifest_unknown(target.name, reference)
-            raise UpstreamError(
-                target.registry, f"HTTP {response.code} for manifest {reference}", response.code
-            )
+            raise UpstreamError(target.registry, f"HTTP {response.code} for manifest {reference}", response.code)
         if isinstance(response.length, int) and response.length > MAX_MANIFEST:
             await discard(response)
             raise _too_large(target, reference)

@@ -49,9 +49,7 @@ def base_url(request: server.Request) -> str:
     proto = (request_header(request, "X-Forwarded-Proto") or "").split(",")[0].strip()
     if proto not in ("http", "https"):
         proto = "https" if request.isSecure() else "http"
-    host = (request_header(request, "X-Forwarded-Host") or request_header(request, "Host") or "").split(",")[
-        0
-    ]
+    host = (request_header(request, "X-Forwarded-Host") or request_header(request, "Host") or "").split(",")[0]
     host = host.strip() or f"{request.getHost().host}:{request.getHost().port}"
     return f"{proto}://{host}"
 
@@ -197,9 +195,7 @@ class Blobs(Endpoint):
             fd = os.open(mirror.storage.blob_path(digest), os.O_RDONLY)
         self._send_file(request, fd, fill.size, head, None if fill.done else fill)
 
-    def _send_file(
-        self, request: server.Request, source: str | int, size: int | None, head: bool, fill: Any
-    ) -> None:
+    def _send_file(self, request: server.Request, source: str | int, size: int | None, head: bool, fill: Any) -> None:
         request.setHeader("Content-Type", "application/octet-stream")
         request.setHeader("Accept-Ranges", "bytes")
         start, end = 0, size
@@ -226,9 +222,7 @@ class Blobs(Endpoint):
         if wanted and not head:
             headers["Range"] = wanted
         path = f"/v2/{target.name}/blobs/{digest}"
-        response = await self.mirror.client(target).request(
-            "HEAD" if head else "GET", path, target.name, headers
-        )
+        response = await self.mirror.client(target).request("HEAD" if head else "GET", path, target.name, headers)
         if response.code == 404:
             await discard(response)
             raise blob_unknown(digest)
@@ -266,14 +260,10 @@ class Tags(Endpoint):
         response = await self.mirror.client(target).request("GET", path, target.name)
         if response.code in (401, 403, 404):
             await discard(response)
-            raise RegistryError(
-                404, "NAME_UNKNOWN", "repository name not known to registry", {"name": self.name}
-            )
+            raise RegistryError(404, "NAME_UNKNOWN", "repository name not known to registry", {"name": self.name})
         if response.code != 200:
             await discard(response)
-            raise UpstreamError(
-                target.registry, f"HTTP {response.code} for tags of {target.name}", response.code
-            )
+            raise UpstreamError(target.registry, f"HTTP {response.code} for tags of {target.name}", response.code)
         body = await read_limited(response, MAX_LISTING)
         link = header(response, "Link")
         if link:

@@ -13,6 +13,7 @@ in place. ``_tags`` cannot collide with a repository path: name components never
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -121,10 +122,8 @@ class DiskStorage:
         self._write_atomic(self.tag_path(registry, name, tag), json.dumps(asdict(entry)).encode())
 
     def delete_tag(self, registry: str, name: str, tag: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tag_path(registry, name, tag))
-        except FileNotFoundError:
-            pass
 
     # -- helpers -------------------------------------------------------------------------------------------------
 

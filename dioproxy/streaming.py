@@ -88,9 +88,7 @@ class FileStreamer:
             fill = self.fill
             if fill is not None and fill.failure is not None:
                 return self._close(abort=True)
-            end = (
-                self.end if self.end is not None else (fill.size if fill is not None and fill.done else None)
-            )
+            end = self.end if self.end is not None else (fill.size if fill is not None and fill.done else None)
             if end is not None and self.pos >= end:
                 return self._close(abort=False)
             limit = self._limit()
@@ -171,9 +169,7 @@ class UpstreamPipe(protocol.Protocol):
         self.request.unregisterProducer()
         complete = reason.check(webclient.ResponseDone) is not None
         if complete and self.sha is not None and "sha256:" + self.sha.hexdigest() != self.digest:
-            log.warn(
-                "upstream sent bytes that do not match {digest}; aborting the client", digest=self.digest
-            )
+            log.warn("upstream sent bytes that do not match {digest}; aborting the client", digest=self.digest)
             complete = False
         if not complete:
             return _abort(self.request)

@@ -169,9 +169,7 @@ class UpstreamClient:
 
     # -- public -------------------------------------------------------------------------------------------------
 
-    async def request(
-        self, method: str, path: str, name: str | None = None, headers: dict | None = None
-    ) -> IResponse:
+    async def request(self, method: str, path: str, name: str | None = None, headers: dict | None = None) -> IResponse:
         """``method`` ``path`` on the upstream, with auth, redirects and retries; the body is left unread.
 
         Raises :class:`UpstreamError` when the registry cannot be reached or keeps failing with 5xx or 429.
@@ -194,9 +192,7 @@ class UpstreamClient:
             else:
                 if response.code == 429:
                     await discard(response)
-                    raise UpstreamError(
-                        self.registry, "rate limited (429)", 429, header(response, "Retry-After")
-                    )
+                    raise UpstreamError(self.registry, "rate limited (429)", 429, header(response, "Retry-After"))
                 if response.code not in RETRY_STATUSES:
                     return response
                 await discard(response)
@@ -314,9 +310,7 @@ class UpstreamClient:
             token = answer.get("token") or answer.get("access_token")
             expires_in = float(answer.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError):
-            raise UpstreamError(
-                self.registry, "token service answered something that is not a token"
-            ) from None
+            raise UpstreamError(self.registry, "token service answered something that is not a token") from None
         if not isinstance(token, str) or not token:
             raise UpstreamError(self.registry, "token service answered no token")
         self.tokens.put(key, token, expires_in)
