@@ -27,7 +27,7 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 def parse_range(value: str | None, size: int) -> tuple[int, int] | bool | None:
-    """``(start, end_exclusive)`` for one satisfiable byte range; ``None`` to serve it whole; ``False`` if unsatisfiable.
+    """``(start, end_exclusive)`` for one satisfiable byte range; ``None``: serve it whole; ``False``: unsatisfiable.
 
     Several ranges, or a header we do not understand, are served whole (RFC 9110 allows ignoring Range).
     """

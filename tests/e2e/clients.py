@@ -22,6 +22,11 @@ from . import snippets
 from .procs import Daemon, free_port, http_status, remove_tree, run, tool
 from .world import World
 
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+#: ``twistd`` of the running interpreter (``python -m twisted`` is the other runner, ``twist``, which has no ``-n``).
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
 #: A proxy access-log line names the request path; this finds the registry API ones.
 PROXY_REQUEST = re.compile(r"\b(GET|HEAD) (/v2/\S*)")
 
@@ -44,13 +49,16 @@ class Proxy:
         self.port = free_port()
         self.base = state_dir(f"proxy-{name}")
         argv = snippets.proxy_argv(
-            [sys.executable, "-m", "twisted"],
+            TWISTD,
             self.port,
             "127.0.0.1",
             str(self.base / "cache"),
             {reg_name: reg.url for reg_name, reg in world.registries.items()},
         )
-        self.daemon = Daemon(f"dioproxy ({name})", argv, log_dir() / f"proxy-{name}.log", cwd=self.base)
+        # The checkout under test, whether or not it is installed in this interpreter's environment.
+        pythonpath = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": pythonpath}
+        self.daemon = Daemon(f"dioproxy ({name})", argv, log_dir() / f"proxy-{name}.log", env=env, cwd=self.base)
 
     @property
     def address(self) -> str:

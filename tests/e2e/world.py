@@ -128,16 +128,23 @@ class Mark:
         self.offsets = {name: len(reg.requests()) for name, reg in world.registries.items()}
         self.tokens = world.tokens.token_count()
 
-    def since(self, settle: float = 0.3) -> Counter:
-        """Counts by ``"<registry> <kind>"`` (e.g. ``"docker.io blob"``) plus ``"tokens"``.
+    def requests(self, settle: float = 0.3) -> list[tuple[str, Request]]:
+        """(registry name, request) of everything logged upstream since the mark.
 
         The registry writes its access line after the response, so wait briefly for late lines."""
         time.sleep(settle)
+        return [
+            (name, request)
+            for name, reg in self.world.registries.items()
+            for request in reg.requests()[self.offsets[name] :]
+        ]
+
+    def since(self, settle: float = 0.3) -> Counter:
+        """Counts by ``"<registry> <kind>"`` (e.g. ``"docker.io blob"``), ``"<registry> total"``, ``"tokens"``."""
         counts: Counter = Counter()
-        for name, reg in self.world.registries.items():
-            for request in reg.requests()[self.offsets[name] :]:
-                counts[f"{name} {request.kind}"] += 1
-                counts[f"{name} total"] += 1
+        for name, request in self.requests(settle):
+            counts[f"{name} {request.kind}"] += 1
+            counts[f"{name} total"] += 1
         counts["tokens"] = self.world.tokens.token_count() - self.tokens
         return counts
 
