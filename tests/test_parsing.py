@@ -1,0 +1,161 @@
+"""Config, routing, name grammar, challenge and Range parsing: the pure functions every request goes through."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial import unittest
+
+from dioproxy.config import ConfigError, build_config, parse_duration
+from dioproxy.errors import RegistryError
+from dioproxy.names import check_digest, check_name, check_reference
+from dioproxy.routing import resolve
+from dioproxy.streaming import parse_range
+from dioproxy.upstream import parse_challenge
+
+DIGEST = "sha256:" + "a" * 64
+
+
+class ConfigTests(unittest.TestCase):
+    def test_defaults(self):
+        config = build_config()
+        self.assertEqual(config.upstreams["docker.io"].url, "https://registry-1.docker.io")
+        for registry in ("ghcr.io", "quay.io", "gcr.io", "registry.k8s.io", "mcr.microsoft.com", "nvcr.io"):
+            self.assertIn(registry, config.upstreams)
+        self.assertEqual(config.tag_ttl, 300)
+        self.assertEqual(config.cache_dir, "./data")
+        self.assertTrue(config.cache_enabled)
+
+    def test_file_and_overrides(self):
+        config = build_config(
+            {
+                "upstreams": {"ghcr.io": {"url": "http://127.0.0.1:5001", "username": "u", "password": "p"}},
+                "hosts": {"ghcr.mirror.example": "ghcr.io"},
+                "cache": {"dir": "/srv/cache", "tag_ttl": "2m"},
+            },
+            ["docker.io=http://127.0.0.1:5000/", "ghcr.io=http://127.0.0.1:6000"],
+        )
+        self.assertEqual(config.upstreams["docker.io"].url, "http://127.0.0.1:5000")
+        self.assertEqual(config.upstreams["ghcr.io"].url, "http://127.0.0.1:6000")
+        self.assertEqual(config.upstreams["ghcr.io"].credentials, ("u", "p"), "override keeps the credentials")
+        self.assertEqual(config.hosts, {"ghcr.mirror.example": "ghcr.io"})
+        self.assertEqual((config.cache_dir, config.tag_ttl), ("/srv/cache", 120))
+
+    def test_bad_configs_name_the_key(self):
+        cases = [
+            ({"upstreams": {"ghcr.io": {"url": "ftp://x"}}}, "upstreams.ghcr.io.url"),
+            ({"upstreams": {"ghcr.io": {}}}, "upstreams.ghcr.io.url"),
+            ({"upstreams": {"ghcr.io": {"url": "http://x", "usr": "a"}}}, "upstreams.ghcr.io.usr"),
+            ({"upstreams": {"ghcr.io": {"url": "http://x", "username": "a"}}}, "upstreams.ghcr.io"),
+            ({"upstreams": {"not a host": "http://x"}}, "upstreams.not a host"),
+            ({"hosts": {"a.example": "nowhere.io"}}, "hosts.a.example"),
+            ({"cache": {"tag_ttl": "soon"}}, "cache.tag_ttl"),
+            ({"cache": {"enabled": "yes"}}, "cache.enabled"),
+            ({"cache": {"size": 1}}, "cache.size"),
+            ({"caches": {}}, "caches"),
+            ({"default_registry": "nowhere.io"}, "default_registry"),
+            ([1, 2], "(top level)"),
+        ]
+        for data, key in cases:
+            with self.assertRaises(ConfigError, msg=repr(data)) as caught:
+                build_config(data)
+            self.assertIn(key, str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            build_config(None, ["docker.io"])
+        self.assertIn("--upstream", str(caught.exception))
+
+    def test_durations(self):
+        self.assertEqual(parse_duration("90s", "k"), 90)
+        self.assertEqual(parse_duration("1.5h", "k"), 5400)
+        self.assertEqual(parse_duration(0, "k"), 0)
+        self.assertRaises(ConfigError, parse_duration, -1, "k")
+        self.assertRaises(ConfigError, parse_duration, True, "k")
+
+
+class RoutingTests(unittest.TestCase):
+    def setUp(self):
+        self.config = build_config({"hosts": {"ghcr.mirror.example": "ghcr.io"}})
+
+    def route(self, name, ns=None, host=None):
+        target = resolve(self.config, name, ns, host)
+        return target.registry, target.name
+
+    def test_order(self):
+        self.assertEqual(self.route("alpine"), ("docker.io", "library/alpine"))
+        self.assertEqual(self.route("library/alpine"), ("docker.io", "library/alpine"))
+        self.assertEqual(self.route("owner/img", ns="ghcr.io"), ("ghcr.io", "owner/img"))
+        self.assertEqual(self.route("ghcr.io/owner/img"), ("ghcr.io", "owner/img"))
+        self.assertEqual(self.route("docker.io/alpine"), ("docker.io", "library/alpine"))
+        self.assertEqual(self.route("owner/img", host="ghcr.mirror.example:8004"), ("ghcr.io", "owner/img"))
+        self.assertEqual(self.route("owner/img", host="127.0.0.1:8004"), ("docker.io", "owner/img"))
+        self.assertEqual(self.route("quay.io/a/b", ns="quay.io"), ("quay.io", "a/b"))
+
+    def test_unconfigured_registries_are_refused(self):
+        for name, ns in [("evil.example/x", None), ("x/y", "evil.example"), ("localhost:5000/x", None)]:
+            with self.assertRaises(RegistryError) as caught:
+                resolve(self.config, name, ns)
+            self.assertEqual((caught.exception.status, caught.exception.code), (404, "NAME_UNKNOWN"))
+
+    def test_invalid_names(self):
+        for name in ["", "UPPER/case", "a/../b", "a//b", "a/./b", "-a", "a\\b", "%2e%2e/x", "a" * 300]:
+            with self.assertRaises(RegistryError) as caught:
+                resolve(self.config, name)
+            self.assertEqual(caught.exception.code, "NAME_INVALID", name)
+
+
+class GrammarTests(unittest.TestCase):
+    def test_references(self):
+        self.assertEqual(check_reference("v1.2_3-x"), "v1.2_3-x")
+        self.assertEqual(check_reference(DIGEST), DIGEST)
+        for bad in ["", ".x", "a" * 129, "sha256:abc", "md5:" + "a" * 32, "x\r\ny", "sha256:" + "A" * 64]:
+            self.assertRaises(RegistryError, check_reference, bad)
+        self.assertRaises(RegistryError, check_digest, "sha512:" + "a" * 128)
+
+    @given(st.text(max_size=80))
+    def test_names_never_escape(self, name):
+        """Whatever is accepted as a name is safe as a relative path."""
+        try:
+            check_name(name)
+        except RegistryError:
+            return
+        self.assertFalse(name.startswith("/"))
+        self.assertNotIn("..", name.split("/"))
+        self.assertNotIn("\\", name)
+        self.assertNotIn("\x00", name)
+
+
+class ChallengeTests(unittest.TestCase):
+    def test_docker_hub(self):
+        c = parse_challenge(
+            'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+            'scope="repository:library/alpine:pull,push"'
+        )
+        self.assertEqual(c.scheme, "bearer")
+        self.assertEqual(c.params["realm"], "https://auth.docker.io/token")
+        self.assertEqual(c.params["scope"], "repository:library/alpine:pull,push")
+
+    def test_basic_and_garbage(self):
+        self.assertEqual(parse_challenge('Basic realm="x"').scheme, "basic")
+        self.assertIsNone(parse_challenge(""))
+
+    @given(st.text(max_size=200))
+    def test_never_raises(self, text):
+        parse_challenge(text)
+
+
+class RangeTests(unittest.TestCase):
+    def test_ranges(self):
+        self.assertIsNone(parse_range(None, 10))
+        self.assertEqual(parse_range("bytes=0-4", 10), (0, 5))
+        self.assertEqual(parse_range("bytes=5-", 10), (5, 10))
+        self.assertEqual(parse_range("bytes=-3", 10), (7, 10))
+        self.assertEqual(parse_range("bytes=8-100", 10), (8, 10))
+        self.assertIs(parse_range("bytes=10-", 10), False)
+        self.assertIs(parse_range("bytes=5-2", 10), False)
+        self.assertIsNone(parse_range("bytes=0-1,3-4", 10), "several ranges: serve it whole")
+        self.assertIsNone(parse_range("items=0-1", 10))
+
+    @given(st.text(max_size=40), st.integers(min_value=1, max_value=10**12))
+    def test_ranges_stay_inside(self, header, size):
+        wanted = parse_range(header, size)
+        if isinstance(wanted, tuple):
+            start, end = wanted
+            self.assertTrue(0 <= start < end <= size)
