@@ -180,9 +180,7 @@ class Podman:
         self.podman("rmi", reference)
 
     def repo_digests(self, reference: str) -> list[str]:
-        return json.loads(
-            self.podman("image", "inspect", "--format", "{{json .RepoDigests}}", reference).stdout
-        )
+        return json.loads(self.podman("image", "inspect", "--format", "{{json .RepoDigests}}", reference).stdout)
 
 
 class Containerd:
@@ -196,14 +194,10 @@ class Containerd:
         self.hosts_dir = self.base / "certs.d"
         for registry in ("docker.io", "ghcr.io"):
             (self.hosts_dir / registry).mkdir(parents=True)
-            (self.hosts_dir / registry / "hosts.toml").write_text(
-                snippets.containerd_hosts_toml(mirror, registry)
-            )
+            (self.hosts_dir / registry / "hosts.toml").write_text(snippets.containerd_hosts_toml(mirror, registry))
         self.default_hosts_dir = self.base / "certs.d-default"
         (self.default_hosts_dir / "_default").mkdir(parents=True)
-        (self.default_hosts_dir / "_default" / "hosts.toml").write_text(
-            snippets.containerd_hosts_toml(mirror, None)
-        )
+        (self.default_hosts_dir / "_default" / "hosts.toml").write_text(snippets.containerd_hosts_toml(mirror, None))
         config = self.base / "config.toml"
         config.write_text(
             "version = 2\n"
@@ -232,9 +226,7 @@ class Containerd:
         remove_tree(self.base)
 
     def ctr(self, *args: str, check: bool = True):
-        return run(
-            ["/usr/bin/ctr", "--address", str(self.socket), "--namespace", self.NAMESPACE, *args], check=check
-        )
+        return run(["/usr/bin/ctr", "--address", str(self.socket), "--namespace", self.NAMESPACE, *args], check=check)
 
     def pull(self, reference: str, default_hosts: bool = False) -> None:
         """Pulls and unpacks linux/amd64 (native snapshotter: overlayfs may be unavailable on the test machine)."""
@@ -338,9 +330,7 @@ class Nginx:
     def start(self) -> Nginx:
         self.daemon.start()
         # Through to the backend: the API root answers 200 (or 401 with a challenge), never nginx's 502.
-        self.daemon.wait_until(
-            lambda: http_status(f"http://{self.address}/v2/") in (200, 401), what="proxying"
-        )
+        self.daemon.wait_until(lambda: http_status(f"http://{self.address}/v2/") in (200, 401), what="proxying")
         return self
 
     def stop(self) -> None:

@@ -63,9 +63,7 @@ class Layout:
         return Blob(f"sha256:{hexdigest}", len(data), media_type)
 
     def put_json(self, obj: dict, media_type: str) -> Blob:
-        return self.put(
-            json.dumps(obj, indent=None, separators=(",", ":"), sort_keys=True).encode(), media_type
-        )
+        return self.put(json.dumps(obj, indent=None, separators=(",", ":"), sort_keys=True).encode(), media_type)
 
     def tag(self, blob: Blob, tag: str) -> None:
         """Names ``blob`` in index.json so that ``oci:DIR:TAG`` resolves to it."""
@@ -134,9 +132,7 @@ def small_files(name: str, arch: str) -> list[dict[str, bytes]]:
 def multi_platform(directory: Path, name: str, tag: str) -> Layout:
     """An OCI index with linux/amd64 and linux/arm64 images, tagged ``tag``."""
     layout = Layout(directory)
-    manifests = [
-        add_image(layout, arch, small_files(name, arch), f"{name}-{arch}") for arch in ("amd64", "arm64")
-    ]
+    manifests = [add_image(layout, arch, small_files(name, arch), f"{name}-{arch}") for arch in ("amd64", "arm64")]
     index = layout.put_json(
         {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [m.descriptor() for m in manifests]},
         OCI_INDEX,

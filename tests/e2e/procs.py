@@ -9,6 +9,7 @@ even when a test died half-way.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -124,9 +125,7 @@ class Daemon:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise AssertionError(
-            f"{self.name} not {what} after {timeout}s; log {self.log_path}:\n{self.log_tail()}"
-        )
+        raise AssertionError(f"{self.name} not {what} after {timeout}s; log {self.log_path}:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM to the whole process group, SIGKILL after ``timeout``."""
@@ -147,10 +146,8 @@ class Daemon:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 @atexit.register

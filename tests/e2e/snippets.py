@@ -68,7 +68,7 @@ def nginx_site_conf(listen: str, server_name: str, proxy: str) -> str:
   listen {listen};
   server_name {server_name};
 
-  location /v2/ {{
+  location / {{
     proxy_pass http://{proxy};
     proxy_http_version 1.1;
     proxy_set_header Connection "";
@@ -79,10 +79,6 @@ def nginx_site_conf(listen: str, server_name: str, proxy: str) -> str:
     proxy_buffering off;
     proxy_request_buffering off;
     proxy_read_timeout 15m;
-  }}
-
-  location = /healthz {{
-    proxy_pass http://{proxy};
   }}
 }}
 """

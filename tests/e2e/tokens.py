@@ -134,9 +134,7 @@ class TokenService:
                         self.send_error(401)
                         return
                     user = name
-                body = json.dumps(
-                    service.issue(query.get("service", [""])[0], query.get("scope", []), user)
-                ).encode()
+                body = json.dumps(service.issue(query.get("service", [""])[0], query.get("scope", []), user)).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -177,9 +177,7 @@ class World:
         token_port = self.tokens.start()
         token_url = f"http://127.0.0.1:{token_port}/token"
         for name, service in (("docker.io", "registry.docker.io"), ("ghcr.io", "ghcr.io")):
-            self.registries[name] = Registry(
-                name, service, self.base / name, token_url, self.tokens.cert_path
-            )
+            self.registries[name] = Registry(name, service, self.base / name, token_url, self.tokens.cert_path)
         for registry in self.registries.values():
             registry.start()
         self._seed()
