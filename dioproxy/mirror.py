@@ -15,7 +15,7 @@ from dioproxy.fill import FillManager
 from dioproxy.manifests import Manifests, ManifestStore, TagIndex
 from dioproxy.routing import Target, resolve
 from dioproxy.storage import DiskStorage
-from dioproxy.upstream import TokenCache, UpstreamClient, make_http_client
+from dioproxy.upstream import TokenCache, UpstreamClient, make_http_client, make_pool
 
 
 class Mirror:
@@ -23,7 +23,8 @@ class Mirror:
         self.config = config
         self.reactor = reactor
         self.storage = DiskStorage(config.cache_dir) if config.cache_enabled else None
-        self.http = http or make_http_client(reactor, config)
+        self.pool = make_pool(reactor)
+        self.http = http or make_http_client(reactor, config, self.pool)
         self.tokens = TokenCache()
         self.clients = {
             name: UpstreamClient(upstream, self.http, reactor, self.tokens, timeout=config.read_timeout)
@@ -44,6 +45,10 @@ class Mirror:
 
     def client(self, target: Target) -> UpstreamClient:
         return self.clients[target.registry]
+
+    def close(self) -> Any:
+        """Drop the upstream connections we keep for reuse (a Deferred)."""
+        return self.pool.closeCachedConnections()
 
     def start(self) -> int:
         """Prepare the cache before serving: drop what an earlier crash left half-written."""

@@ -71,7 +71,7 @@ def parse_challenge(header: str) -> Challenge | None:
 
 def header(response: IResponse, name: str) -> str | None:
     values = response.headers.getRawHeaders(name)
-    return values[0].decode("latin-1") if values else None
+    return values[0] if values else None
 
 
 class _Discard(protocol.Protocol):
@@ -341,10 +341,14 @@ class UpstreamClient:
         raise UpstreamError(self.registry, "too many redirects", 502)
 
 
-def make_http_client(reactor: Any, config: Config) -> HTTPClient:
-    """One persistent pool for all upstreams; TLS verified against the system trust store by default."""
+def make_pool(reactor: Any) -> webclient.HTTPConnectionPool:
+    """Persistent upstream connections, shared by every registry client."""
     pool = webclient.HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = 120
-    agent = webclient.Agent(reactor, connectTimeout=config.connect_timeout, pool=pool)
-    return HTTPClient(agent)
+    return pool
+
+
+def make_http_client(reactor: Any, config: Config, pool: webclient.HTTPConnectionPool) -> HTTPClient:
+    """treq over an Agent that verifies TLS against the system trust store (the Agent's default policy)."""
+    return HTTPClient(webclient.Agent(reactor, connectTimeout=config.connect_timeout, pool=pool))
