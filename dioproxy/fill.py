@@ -117,7 +117,8 @@ class _BodyWriter(protocol.Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self.lost.callback(reason)
+        self.reason = reason
+        self.lost.callback(None)
 
 
 class _FillRunner:
@@ -167,7 +168,8 @@ class _FillRunner:
                 fill._notify()
             writer = _BodyWriter(self, skip)
             response.deliverBody(writer)
-            reason = await writer.lost
+            await writer.lost
+            reason = writer.reason
             if self.error is not None:
                 raise FillFailed(str(self.error))
             if reason.check(webclient.ResponseDone) and (fill.size is None or fill.written == fill.size):

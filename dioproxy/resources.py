@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from twisted.internet import defer
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
@@ -216,31 +217,53 @@ class Blobs(Endpoint):
         FileStreamer(request, source, start, end, fill).start()
 
     async def _pass_through(self, request: server.Request, target: Target, digest: str, head: bool) -> None:
-        """No cache: the upstream body producer is piped straight into the request, backpressure included."""
-        headers = {}
-        wanted = request_header(request, "Range")
-        if wanted and not head:
-            headers["Range"] = wanted
+        """No cache: the upstream body producer is piped straight into the request, backpressure included.
+
+        A HEAD asks the upstream for the first byte only: the size is in ``Content-Range`` and no blob is sent.
+        """
+        wanted = "bytes=0-0" if head else request_header(request, "Range")
         path = f"/v2/{target.name}/blobs/{digest}"
-        response = await self.mirror.client(target).request("HEAD" if head else "GET", path, target.name, headers)
+        response = await self.mirror.client(target).request(
+            "GET", path, target.name, {"Range": wanted} if wanted else {}
+        )
         if response.code == 404:
             await discard(response)
             raise blob_unknown(digest)
         if response.code not in (200, 206, 416):
             await discard(response)
             raise UpstreamError(target.registry, f"HTTP {response.code} for blob {digest}", response.code)
-        request.setResponseCode(response.code)
-        for name in ("Content-Length", "Content-Range"):
-            value = header(response, name)
-            if value:
-                request.setHeader(name, value)
         request.setHeader("Content-Type", "application/octet-stream")
         request.setHeader("Accept-Ranges", "bytes")
-        if head or response.code == 416:
+        content_range = header(response, "Content-Range")
+        if head:
+            response.deliverBody(_Stop())
+            size = response.length if response.code == 200 else _range_total(content_range)
+            if size is not None:
+                request.setHeader("Content-Length", str(size))
+            request.finish()
+            return
+        request.setResponseCode(response.code)
+        if content_range:
+            request.setHeader("Content-Range", content_range)
+        if isinstance(response.length, int):
+            request.setHeader("Content-Length", str(response.length))
+        if response.code == 416:
             await discard(response)
             request.finish()
             return
         response.deliverBody(UpstreamPipe(request, digest if response.code == 200 else None))
+
+
+class _Stop(Protocol):
+    """Reads no body: the connection is dropped rather than a whole blob downloaded for nothing."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+def _range_total(content_range: str | None) -> int | None:
+    match = re.fullmatch(r"bytes \d+-\d+/(\d+)", (content_range or "").strip())
+    return int(match.group(1)) if match else None
 
 
 def _finish_quietly(request: server.Request, source: str | int) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 from typing import Any
 
 import treq
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from dioproxy.config import build_config
@@ -32,6 +33,20 @@ class Proxy:
 
     def get(self, path: str, method: str = "GET", **kwargs: Any) -> defer.Deferred:
         return self.client.request(method, self.url + path, **kwargs)
+
+    def head(self, path: str) -> defer.Deferred:
+        """(status, headers) of a HEAD, through http.client: Twisted's client hides a HEAD's Content-Length."""
+
+        def call() -> tuple[int, dict[str, str]]:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port.getHost().port, timeout=10)
+            try:
+                connection.request("HEAD", path)
+                response = connection.getresponse()
+                return response.status, {k.lower(): v for k, v in response.getheaders()}
+            finally:
+                connection.close()
+
+        return threads.deferToThread(call)
 
     def blob_file(self, digest: str) -> str:
         return self.mirror.storage.blob_path(digest)
