@@ -90,7 +90,7 @@ class BlobTests(unittest.TestCase):
         self.assertFalse(os.path.exists(self.proxy.blob_file(self.digest)))
         self.assertEqual(self.proxy.temp_files(), [])
         self.fake.reset_faults()
-        response, body = yield self.fetch()
+        _response, body = yield self.fetch()
         self.assertEqual(body, self.data, "the next request after the upstream heals succeeds")
 
     @defer.inlineCallbacks
@@ -107,7 +107,7 @@ class BlobTests(unittest.TestCase):
     def test_bytes_past_content_length_are_not_part_of_the_blob(self):
         """HTTP framing ends the body at Content-Length; what follows is dropped, the digest still verified."""
         self.fake.extra_bytes(self.digest)
-        response, body = yield self.fetch()
+        _response, body = yield self.fetch()
         self.assertEqual(body, self.data)
         with open(self.proxy.blob_file(self.digest), "rb") as f:
             self.assertEqual(sha(f.read()), self.digest)
@@ -115,7 +115,7 @@ class BlobTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_cut_body_is_resumed_with_range(self):
         self.fake.cut_blob(self.digest, after_bytes=MB + 5)
-        response, body = yield self.fetch()
+        _response, body = yield self.fetch()
         self.assertEqual(body, self.data)
         gets = self.fake.find("cdn", "GET", self.digest)
         self.assertEqual(len(gets), 2)
@@ -125,14 +125,14 @@ class BlobTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_short_body_is_resumed(self):
         self.fake.short_bytes(self.digest, missing=1000, times=1)
-        response, body = yield self.fetch()
+        _response, body = yield self.fetch()
         self.assertEqual(body, self.data)
 
     @defer.inlineCallbacks
     def test_cut_body_without_range_support_restarts(self):
         self.fake.no_range = True
         self.fake.cut_blob(self.digest, after_bytes=MB)
-        response, body = yield self.fetch()
+        _response, body = yield self.fetch()
         self.assertEqual(body, self.data)
         self.assertEqual(self.cdn_gets(), 2)
 
@@ -147,7 +147,7 @@ class BlobTests(unittest.TestCase):
     def test_stalled_upstream_is_dropped_and_resumed(self):
         self.proxy.mirror.fills.read_timeout = 0.3
         self.fake.stall_blob(self.digest, after_bytes=MB, times=1)
-        response, body = yield self.fetch()
+        _response, body = yield self.fetch()
         self.assertEqual(body, self.data)
         self.assertEqual(self.cdn_gets(), 2)
 
@@ -233,7 +233,7 @@ class RestartTests(unittest.TestCase):
         digest = fake.add_blob(data)
         cache = os.path.abspath(self.mktemp())
         first = Proxy(self, fake.registry_url, cache_dir=cache)
-        path, fd = first.mirror.storage.temp_file(digest)  # a fill that was killed half-way
+        _path, fd = first.mirror.storage.temp_file(digest)  # a fill that was killed half-way
         os.write(fd, data[:1000])
         os.close(fd)
         yield first.stop()
