@@ -132,6 +132,9 @@ class TokenCache:
         self._tokens.pop(key, None)
         return None
 
+    def drop(self, key: tuple) -> None:
+        self._tokens.pop(key, None)
+
     def put(self, key: tuple, token: str, expires_in: float) -> None:
         margin = min(10.0, expires_in / 4)
         self._tokens[key] = (token, self._clock() + expires_in - margin)
@@ -266,6 +269,9 @@ class UpstreamClient:
         if challenge.scheme == "basic":
             retry_auth = self._basic()
         else:
+            # The registry refused what we sent: forget it, whether it was predicted or answered to a challenge.
+            self.tokens.drop(self._token_key(challenge, self._scope(name)))
+            self.tokens.drop(self._token_key(challenge, challenge.params.get("scope")))
             token = await self._fetch_token(challenge.params)
             retry_auth = f"Bearer {token['token']}"
         if retry_auth is None or retry_auth == auth:

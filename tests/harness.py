@@ -22,7 +22,8 @@ class Proxy:
 
     def __init__(self, testcase: Any, upstream_url: str, cache_dir: str | None = None, **config: Any) -> None:
         self.cache_dir = cache_dir or os.path.abspath(testcase.mktemp())
-        overrides = [f"{r}={upstream_url}" for r in ("docker.io", "ghcr.io", "quay.io")]
+        configured = config.get("upstreams", {})
+        overrides = [f"{r}={upstream_url}" for r in ("docker.io", "ghcr.io", "quay.io") if r not in configured]
         self.config = build_config(config or None, overrides, self.cache_dir)
         self.mirror = Mirror(self.config, reactor)
         self.mirror.start()
