@@ -18,6 +18,7 @@ Everything blocking (subprocesses, log parsing) runs in threads via ``deferToThr
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,6 +40,8 @@ class ClientTestCase(unittest.TestCase):
     timeout = 600
 
     async def setUp(self) -> None:
+        if os.geteuid() != 0:
+            self.fail("the end-to-end client tests run real daemons (dockerd, containerd, podman) and need root")
         self.world: World = await deferToThread(get_world)
         self.proxy: Proxy = await self.start(
             Proxy(self.world, self.id().rsplit(".", 2)[-2] + "." + self._testMethodName)

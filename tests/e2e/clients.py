@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +39,10 @@ def log_dir() -> Path:
     return path
 
 
-def state_dir(name: str) -> Path:
+def state_dir(name: str, needs: tuple[str, ...] = ()) -> Path:
+    """A private directory for one harness, made only after the tools it ``needs`` were found (else fail loudly)."""
+    for path in needs:
+        tool(path)
     return Path(tempfile.mkdtemp(prefix=f"dpe2e-{name}-"))
 
 
@@ -82,25 +86,22 @@ class Dockerd:
     """A private dockerd configured with the proxy as its ``registry-mirrors`` entry."""
 
     def __init__(self, mirror: str) -> None:
-        self.base = state_dir("docker")
+        self.base = state_dir("docker", ("/usr/sbin/dockerd", "/usr/bin/docker"))
         self.socket = self.base / "docker.sock"
-        config = snippets.docker_daemon_json(mirror)
-        config.update(
-            {
-                "storage-driver": "vfs",
-                "iptables": False,
-                "ip6tables": False,
-                "ip-forward": False,
-                "ip-masq": False,
-                "bridge": "none",
-                "data-root": str(self.base / "data"),
-                "exec-root": str(self.base / "exec"),
-                "pidfile": str(self.base / "docker.pid"),
-                "hosts": [f"unix://{self.socket}"],
-            }
-        )
         self.config_path = self.base / "daemon.json"
-        self.config_path.write_text(json.dumps(config, indent=2))
+        self.config: dict = {
+            "storage-driver": "vfs",
+            "iptables": False,
+            "ip6tables": False,
+            "ip-forward": False,
+            "ip-masq": False,
+            "bridge": "none",
+            "data-root": str(self.base / "data"),
+            "exec-root": str(self.base / "exec"),
+            "pidfile": str(self.base / "docker.pid"),
+            "hosts": [f"unix://{self.socket}"],
+        }
+        self.write_config(mirror)
         self.env = {**os.environ, "DOCKER_CONFIG": str(self.base / "client")}
         self.daemon = Daemon(
             "dockerd",
@@ -108,8 +109,22 @@ class Dockerd:
             log_dir() / "dockerd.log",
         )
 
+    def write_config(self, mirror: str) -> None:
+        """daemon.json: the documented snippet plus the keys that keep this dockerd private."""
+        self.config.update(snippets.docker_daemon_json(mirror))
+        self.config_path.write_text(json.dumps(self.config, indent=2))
+
+    def reload(self, mirror: str) -> None:
+        """The documented ``systemctl reload docker``: rewrite daemon.json, SIGHUP, wait for the new mirror."""
+        self.write_config(mirror)
+        assert self.daemon.process is not None
+        self.daemon.process.send_signal(signal.SIGHUP)
+        self.daemon.wait_until(lambda: self.mirrors() == [f"http://{mirror}/"], what=f"using mirror {mirror}")
+
+    def mirrors(self) -> list[str]:
+        return json.loads(self.docker("info", "--format", "{{json .RegistryConfig.Mirrors}}").stdout)
+
     def start(self) -> Dockerd:
-        tool("/usr/bin/docker")
         self.daemon.start()
         self.daemon.wait_until(lambda: self.docker("version", check=False).returncode == 0, timeout=60)
         return self
@@ -136,7 +151,7 @@ class Podman:
     """podman with private storage, run root and a generated registries.conf (``CONTAINERS_REGISTRIES_CONF``)."""
 
     def __init__(self, mirror: str) -> None:
-        self.base = state_dir("podman")
+        self.base = state_dir("podman", ("/usr/bin/podman",))
         registries = self.base / "registries.conf"
         registries.write_text(snippets.podman_registries_conf(mirror))
         containers = self.base / "containers.conf"
@@ -164,7 +179,6 @@ class Podman:
         ]
 
     def start(self) -> Podman:
-        tool("/usr/bin/podman")
         return self
 
     def stop(self) -> None:
@@ -189,7 +203,7 @@ class Containerd:
     NAMESPACE = "e2e"
 
     def __init__(self, mirror: str) -> None:
-        self.base = state_dir("containerd")
+        self.base = state_dir("containerd", ("/usr/bin/containerd", "/usr/bin/ctr"))
         self.socket = self.base / "containerd.sock"
         self.hosts_dir = self.base / "certs.d"
         for registry in ("docker.io", "ghcr.io"):
@@ -216,7 +230,6 @@ class Containerd:
         )
 
     def start(self) -> Containerd:
-        tool("/usr/bin/ctr")
         self.daemon.start()
         self.daemon.wait_until(lambda: self.ctr("version", check=False).returncode == 0, timeout=60)
         return self
@@ -249,11 +262,10 @@ class Skopeo:
     """``skopeo copy --all`` from the proxy into OCI layout directories, verifying every blob's digest."""
 
     def __init__(self) -> None:
-        self.base = state_dir("skopeo")
+        self.base = state_dir("skopeo", ("/usr/bin/skopeo",))
         self.copies = 0
 
     def start(self) -> Skopeo:
-        tool("/usr/bin/skopeo")
         return self
 
     def stop(self) -> None:
@@ -297,7 +309,7 @@ class Nginx:
     """nginx (``nginx-light``) in front of the proxy with the documented site config, own prefix and pid file."""
 
     def __init__(self, proxy: str) -> None:
-        self.base = state_dir("nginx")
+        self.base = state_dir("nginx", ("/usr/sbin/nginx",))
         self.port = free_port()
         site = self.base / "site.conf"
         site.write_text(snippets.nginx_site_conf(f"127.0.0.1:{self.port}", "localhost", proxy))

@@ -183,5 +183,9 @@ def run(
 
 def remove_tree(path: Path) -> None:
     """Removes a state directory; dockerd and podman leave read-only or mounted bits behind, so be forgiving."""
-    subprocess.run(["umount", "-R", "-l", str(path)], capture_output=True)
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+    for point in sorted(points, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
     shutil.rmtree(path, ignore_errors=True)

@@ -7,6 +7,8 @@ pull land in ``_trial_temp/e2e-logs/pulls.txt``.
 
 from __future__ import annotations
 
+from twisted.internet.threads import deferToThread
+
 from .base import ClientTestCase, assert_digest
 from .clients import Containerd, Dockerd, Nginx, Podman, Skopeo, verify_oci_layout
 from .world import Image
@@ -48,6 +50,16 @@ class DockerTests(ClientTestCase):
             lambda image: docker.remove(f"{name}:{image.tag}"),
             lambda image: assert_digest(docker.repo_digests(f"{name}:{image.tag}"), image, name),
         )
+
+    async def test_reload_registry_mirrors(self) -> None:
+        """The documented reload: dockerd starts with a dead mirror, daemon.json is fixed, SIGHUP, pull works."""
+        self.client = "docker (after SIGHUP)"
+        docker = await self.start(Dockerd("127.0.0.1:9"))
+        await deferToThread(docker.reload, self.proxy.address)
+        hello = self.image("hello")
+        cold = await self.measure(hello, "cold", lambda: docker.pull("hello:1.0"))
+        self.assertGreater(cold.proxy_requests, 0)
+        await deferToThread(lambda: assert_digest(docker.repo_digests("hello:1.0"), hello, "hello"))
 
 
 class PodmanTests(ClientTestCase):
