@@ -22,8 +22,8 @@ system-deps:
 	scripts/install-system-deps
 
 lint: venv
-	$(BIN)/ruff check dioproxy tests twisted bench
-	$(BIN)/ruff format --check dioproxy tests twisted bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 unit: venv
 	$(BIN)/trial tests
