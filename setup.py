@@ -1,16 +1,18 @@
 """dioproxy: a caching pull-through mirror for container registries, on Twisted."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="dioproxy",
     version="0.1.0",
     description="A verified, streaming, caching pull-through mirror for container images",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=find_packages(include=["dioproxy", "dioproxy.*"]) + ["twisted.plugins"],
+    packages=[*find_packages(include=["dioproxy", "dioproxy.*"]), "twisted.plugins"],
     package_data={"twisted": ["plugins/dioproxy_plugin.py"]},
     install_requires=[
         "twisted[tls]>=23.8",
@@ -18,6 +20,8 @@ setup(
         "pyopenssl",
         "service-identity",
         "PyYAML>=6",
+        # htpasswd files hold bcrypt hashes (htpasswd -B); bcrypt is the maintained binding to check them.
+        "bcrypt>=4",
     ],
     extras_require={
         # cryptography signs the JWTs of the test world's token service (RS256, like Docker Hub's).
