@@ -5,6 +5,7 @@ A bad config is refused with a message naming the key, so a typo never becomes a
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,29 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class AccessRule:
+    """Repository name patterns (fnmatch, on the upstream's spelling: ``library/*``) for one registry."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Security:
+    """Who may use the mirror. Everything is off by default: a mirror is usually open inside its network."""
+
+    htpasswd: str | None = None
+    token_ttl: float = 300.0
+    token_secret: str | None = field(default=None, repr=False)
+    access: dict[str, AccessRule] = field(default_factory=dict)
+    rate: float = 0.0  # requests per second per client; 0 = unlimited
+    burst: int = 0
+    trusted_proxies: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     upstreams: dict[str, Upstream]
     hosts: dict[str, str] = field(default_factory=dict)
@@ -55,6 +79,7 @@ class Config:
     default_registry: str = "docker.io"
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    security: Security = field(default_factory=Security)
 
 
 def parse_duration(value: Any, key: str) -> float:
@@ -96,10 +121,13 @@ def _mapping(value: Any, key: str) -> dict:
     return value
 
 
-_TOP_KEYS = {"upstreams", "hosts", "cache", "default_registry", "timeouts"}
+_TOP_KEYS = {"upstreams", "hosts", "cache", "default_registry", "timeouts", "auth", "access", "rate_limit", "tls"}
 _CACHE_KEYS = {"dir", "tag_ttl", "enabled"}
 _UPSTREAM_KEYS = {"url", "username", "password"}
 _TIMEOUT_KEYS = {"connect", "read"}
+_AUTH_KEYS = {"htpasswd", "token_ttl", "secret"}
+_RATE_KEYS = {"rate", "burst", "trusted_proxies"}
+_TLS_KEYS = {"cert", "key"}
 
 
 def _unknown(given: dict, allowed: set[str], where: str) -> None:
@@ -162,7 +190,10 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
     timeouts = _mapping(data.get("timeouts"), "timeouts")
     _unknown(timeouts, _TIMEOUT_KEYS, "timeouts.")
 
+    security = _security(data, upstreams)
+
     return Config(
+        security=security,
         upstreams=upstreams,
         hosts=hosts,
         cache_dir=directory,
@@ -171,6 +202,63 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
         default_registry=default,
         connect_timeout=parse_duration(timeouts.get("connect", 10), "timeouts.connect"),
         read_timeout=parse_duration(timeouts.get("read", 60), "timeouts.read"),
+    )
+
+
+def _strings(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key}: expected a list of strings")
+    return tuple(value)
+
+
+def _number(value: Any, key: str, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{key}: expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _security(data: dict, upstreams: dict[str, Upstream]) -> Security:
+    auth = _mapping(data.get("auth"), "auth")
+    _unknown(auth, _AUTH_KEYS, "auth.")
+    access = {}
+    for registry, rule in _mapping(data.get("access"), "access").items():
+        key = f"access.{registry}"
+        if registry not in upstreams:
+            raise ConfigError(f"{key}: {registry!r} is not among the upstreams")
+        rule = _mapping(rule, key)
+        _unknown(rule, {"allow", "deny"}, key + ".")
+        access[registry] = AccessRule(
+            _strings(rule.get("allow"), key + ".allow"), _strings(rule.get("deny"), key + ".deny")
+        )
+    rate = _mapping(data.get("rate_limit"), "rate_limit")
+    _unknown(rate, _RATE_KEYS, "rate_limit.")
+    proxies = _strings(rate.get("trusted_proxies"), "rate_limit.trusted_proxies")
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"rate_limit.trusted_proxies: {proxy!r} is not an address or network") from None
+    tls = _mapping(data.get("tls"), "tls")
+    _unknown(tls, _TLS_KEYS, "tls.")
+    if bool(tls.get("cert")) != bool(tls.get("key")):
+        raise ConfigError("tls: cert and key go together")
+    rate_value = _number(rate.get("rate"), "rate_limit.rate", 0.0)
+    return Security(
+        htpasswd=auth.get("htpasswd"),
+        token_ttl=parse_duration(auth.get("token_ttl", 300), "auth.token_ttl"),
+        token_secret=auth.get("secret"),
+        access=access,
+        rate=rate_value,
+        burst=int(_number(rate.get("burst"), "rate_limit.burst", max(1.0, rate_value * 2))),
+        trusted_proxies=proxies,
+        tls_cert=tls.get("cert"),
+        tls_key=tls.get("key"),
     )
 
 
