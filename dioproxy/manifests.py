@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from dioproxy.errors import RegistryError, UpstreamError, manifest_unknown
 from dioproxy.names import is_digest
+from dioproxy.private import PrivateContent
 from dioproxy.routing import Target
 from dioproxy.singleflight import SingleFlight
 from dioproxy.storage import DiskStorage, TagEntry
@@ -124,6 +125,7 @@ class Manifests:
         clock: Callable[[], float],
         tag_ttl: float,
         caching: bool = True,
+        private: PrivateContent | None = None,
     ) -> None:
         self.store = store
         self.tags = tags
@@ -131,6 +133,7 @@ class Manifests:
         self.clock = clock
         self.tag_ttl = tag_ttl
         self.caching = caching
+        self.private = private
         self._flights = SingleFlight()
 
     async def get(self, target: Target, reference: str) -> Manifest:
@@ -152,12 +155,19 @@ class Manifests:
     async def _by_digest(self, target: Target, digest: str, outcome: str = "hit") -> Manifest:
         cached = self.store.get(digest)
         if cached is not None:
+            if self.private:
+                await self.private.check(target, digest, "manifests")
             return Manifest(digest, cached[0], cached[1], outcome)
         media_type, body = await self._fetch(target, digest)
         if sha256_digest(body) != digest:
             raise _mismatch(target, digest)
-        self.store.put(digest, media_type, body)
+        self._put(target, digest, media_type, body)
         return Manifest(digest, media_type, body, "miss")
+
+    def _put(self, target: Target, digest: str, media_type: str, body: bytes) -> None:
+        if self.private:
+            self.private.mark(target, digest)
+        self.store.put(digest, media_type, body)
 
     async def _by_tag(self, target: Target, tag: str) -> Manifest:
         registry, name = target.registry, target.name
@@ -177,7 +187,7 @@ class Manifests:
             else:
                 media_type, body = await self._fetch(target, tag)
                 manifest = Manifest(sha256_digest(body), media_type, body, "miss")
-                self.store.put(manifest.digest, media_type, body)
+                self._put(target, manifest.digest, media_type, body)
         except UpstreamError as e:
             cached = self.store.get(entry.digest) if entry is not None else None
             if cached is None:

@@ -10,9 +10,12 @@ from typing import Any
 
 from treq.client import HTTPClient
 
+from dioproxy.auth import Gate, Htpasswd, Tokens
 from dioproxy.config import Config
 from dioproxy.fill import FillManager
 from dioproxy.manifests import Manifests, ManifestStore, TagIndex
+from dioproxy.policy import RateLimiter, check_access
+from dioproxy.private import PrivateContent
 from dioproxy.routing import Target, resolve
 from dioproxy.storage import DiskStorage
 from dioproxy.upstream import TokenCache, UpstreamClient, make_http_client, make_pool
@@ -31,6 +34,7 @@ class Mirror:
             for name, upstream in config.upstreams.items()
         }
         self.fills = FillManager(self.storage, reactor, config.read_timeout) if self.storage else None
+        self.private = PrivateContent(self.storage, self.client) if self.storage else None
         self.manifests = Manifests(
             ManifestStore(self.storage),
             TagIndex(self.storage),
@@ -38,10 +42,25 @@ class Mirror:
             time.time,
             config.tag_ttl,
             caching=config.cache_enabled,
+            private=self.private,
+        )
+        security = config.security
+        self.gate = (
+            Gate(Htpasswd(security.htpasswd), Tokens(security.token_secret, security.token_ttl))
+            if (security.htpasswd)
+            else None
+        )
+        self.limiter = (
+            RateLimiter(security.rate, security.burst, security.trusted_proxies, reactor.seconds)
+            if security.rate
+            else None
         )
 
     def route(self, name: str, ns: str | None = None, host: str | None = None) -> Target:
-        return resolve(self.config, name, ns, host)
+        """The upstream repository for a request; 404 for unknown registries, 403 for denied repositories."""
+        target = resolve(self.config, name, ns, host)
+        check_access(self.config.security.access, target)
+        return target
 
     def client(self, target: Target) -> UpstreamClient:
         return self.clients[target.registry]

@@ -7,6 +7,7 @@ Every failure becomes a registry JSON error; nothing a client sends can produce 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any
@@ -18,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
+from dioproxy.auth import scope_repositories
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown, unsupported
 from dioproxy.manifests import INDEX_TYPES
 from dioproxy.mirror import Mirror
@@ -88,14 +90,32 @@ class Endpoint(resource.Resource):
         self.name = name
         self.argument = argument
 
+    #: Whether the mirror's users must be authenticated here (``/token`` is where they authenticate).
+    guarded = True
+
     def render(self, request: server.Request) -> Any:
         request.setHeader(*API_VERSION)
         method = request.method.decode("ascii", "replace")
         if method not in ("GET", "HEAD"):
             return render_error(request, unsupported(method))
-        d = defer.ensureDeferred(self.handle(request, method == "HEAD"))
+        limiter = self.mirror.limiter
+        if limiter is not None:
+            client = limiter.client(request.getClientAddress().host, request_header(request, "X-Forwarded-For"))
+            wait = limiter.retry_after(client)
+            if wait:
+                error = RegistryError(429, "TOOMANYREQUESTS", "too many requests from this client")
+                error.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+                return render_error(request, error)
+        d = defer.ensureDeferred(self._serve(request, method == "HEAD"))
         d.addErrback(self._failed, request)
         return server.NOT_DONE_YET
+
+    async def _serve(self, request: server.Request, head: bool) -> None:
+        gate = self.mirror.gate
+        if gate is not None and self.guarded:
+            realm = base_url(request) + "/token"
+            await gate.grant(request_header(request, "Authorization"), realm, self.name or None)
+        await self.handle(request, head)
 
     async def handle(self, request: server.Request, head: bool) -> None:
         raise NotImplementedError
@@ -177,14 +197,18 @@ class Blobs(Endpoint):
             return await self._pass_through(request, target, digest, head)
         size = mirror.storage.blob_size(digest)
         if size is not None:
+            await mirror.private.check(target, digest, "blobs")
             request.dioproxy_outcome = "hit"
             return self._send_file(request, mirror.storage.blob_path(digest), size, head, None)
         fill = mirror.fills.get(digest)
+        if fill is not None:
+            await mirror.private.check(target, digest, "blobs")
         if fill is None and head:
             request.dioproxy_outcome = "pass"
             return await self._pass_through(request, target, digest, head)
         request.dioproxy_outcome = "miss"
         if fill is None:
+            mirror.private.mark(target, digest)
             fill = mirror.fills.start(digest, mirror.client(target), target.name)
         await fill.ready()
         if request._disconnected:
@@ -363,24 +387,44 @@ class ErrorPage(resource.Resource):
 
 
 class Token(Endpoint):
-    """The seed's ``/token``: forwards to the routed registry's token realm, adding ``library/`` on docker.io."""
+    """``/token``: our own tokens when the mirror is closed (htpasswd), else the seed's forwarding endpoint.
+
+    Forwarding asks the routed registry's realm anonymously, adding ``library/`` on docker.io: our upstream
+    credentials never end up in a token handed to a client.
+    """
+
+    guarded = False
 
     async def handle(self, request: server.Request, head: bool) -> None:
-        scope = arg(request, "scope") or ""
-        parts = scope.split(":")
-        name = parts[1] if len(parts) >= 3 and parts[0] == "repository" else ""
+        scopes = [v.decode("utf-8", "replace") for v in request.args.get(b"scope", [])]
+        names = scope_repositories(scopes)
+        request.dioproxy_outcome = "pass"
+        gate = self.mirror.gate
+        if gate is not None:
+            user = await gate.login(request_header(request, "Authorization"))
+            allowed = [name for name in names if self._may_pull(request, name)]
+            answer = gate.tokens.issue(user, allowed)
+        else:
+            answer = await self._forward(request, names[0] if names else None)
+        self.finish(request, json.dumps(answer).encode(), "application/json", head)
+
+    def _may_pull(self, request: server.Request, name: str) -> bool:
+        try:
+            self.mirror.route(name, arg(request, "ns"), request_header(request, "Host"))
+        except RegistryError:
+            return False
+        return True
+
+    async def _forward(self, request: server.Request, name: str | None) -> dict:
         if name:
             target = self.mirror.route(name, arg(request, "ns"), request_header(request, "Host"))
-            registry, upstream_scope = target.registry, f"repository:{target.name}:pull"
+            registry, scope = target.registry, f"repository:{target.name}:pull"
         else:
-            registry = arg(request, "ns") or self.mirror.config.default_registry
+            registry, scope = arg(request, "ns") or self.mirror.config.default_registry, ""
             if registry not in self.mirror.clients:
                 raise RegistryError(404, "NAME_UNKNOWN", f"registry {registry!r} is not mirrored here")
-            upstream_scope = ""
         request.dioproxy_registry = registry
-        request.dioproxy_outcome = "pass"
-        answer = await self.mirror.clients[registry].token(upstream_scope)
-        self.finish(request, json.dumps(answer).encode(), "application/json", head)
+        return await self.mirror.clients[registry].token(scope, anonymous=True)
 
 
 class Health(resource.Resource):

@@ -8,6 +8,8 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web import server
 
+from dioproxy.channel import MirrorChannel
+
 log = Logger(namespace="dioproxy.access")
 
 
@@ -29,6 +31,7 @@ class MirrorRequest(server.Request):
 
 class MirrorSite(server.Site):
     requestFactory = MirrorRequest
+    protocol = MirrorChannel
 
     def log(self, request: MirrorRequest, aborted: bool = False) -> None:
         if request.dioproxy_logged:

@@ -95,7 +95,7 @@ class DiskStorage:
         return media_type.decode(), body
 
     def write_manifest(self, digest: str, media_type: str, body: bytes) -> None:
-        self._write_atomic(self.manifest_path(digest), media_type.encode() + b"\n" + body)
+        self.write_small(self.manifest_path(digest), media_type.encode() + b"\n" + body)
 
     # -- tags ----------------------------------------------------------------------------------------------------
 
@@ -119,7 +119,7 @@ class DiskStorage:
             return None
 
     def write_tag(self, registry: str, name: str, tag: str, entry: TagEntry) -> None:
-        self._write_atomic(self.tag_path(registry, name, tag), json.dumps(asdict(entry)).encode())
+        self.write_small(self.tag_path(registry, name, tag), json.dumps(asdict(entry)).encode())
 
     def delete_tag(self, registry: str, name: str, tag: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -127,7 +127,7 @@ class DiskStorage:
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
-    def _write_atomic(self, path: str, data: bytes) -> None:
+    def write_small(self, path: str, data: bytes) -> None:
         """Small files only (manifests, tag entries): written whole, then renamed into place."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
         temp = os.path.join(self.tmp, f"w.{secrets.token_hex(8)}")

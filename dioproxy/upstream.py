@@ -211,14 +211,17 @@ class UpstreamClient:
             await deferLater(self.reactor, self.backoff * 4**attempt, lambda: None)
         raise AssertionError("unreachable")
 
-    async def token(self, scope: str, service: str | None = None) -> dict:
-        """A token answer from this registry's realm, for the seed-compatible ``/token`` endpoint."""
+    async def token(self, scope: str, anonymous: bool = False) -> dict:
+        """A token answer from this registry's realm, for the seed-compatible ``/token`` endpoint.
+
+        With ``anonymous`` our credentials are not used: the token goes to a client.
+        """
         challenge = self._challenge or await self._discover_challenge()
         if challenge is None or challenge.scheme != "bearer":
             raise UpstreamError(self.registry, "registry does not use token authentication", 404)
         params = dict(challenge.params, scope=scope)
-        if service:
-            params["service"] = service
+        if anonymous:
+            return await self._token_request(params.get("realm", ""), None, params, credentials=False)
         return await self._fetch_token(params)
 
     # -- auth ------------------------------------------------------------------------------------------------------
@@ -289,19 +292,22 @@ class UpstreamClient:
     async def _fetch_token(self, params: dict[str, str]) -> dict:
         """One token request per (realm, service, scope) at a time; concurrent callers share it."""
         realm = params.get("realm", "")
-        if urlsplit(realm).scheme not in ("http", "https"):
-            raise UpstreamError(self.registry, f"token realm is not an http(s) URL: {realm[:100]!r}")
         key = (realm, params.get("service"), params.get("scope"))
         cached = self.tokens.get(key)
         if cached:
             return {"token": cached}
         return await self._token_flights.run(key, lambda: self._token_request(realm, key, params))
 
-    async def _token_request(self, realm: str, key: tuple, params: dict[str, str]) -> dict:
+    async def _token_request(
+        self, realm: str, key: tuple | None, params: dict[str, str], credentials: bool = True
+    ) -> dict:
+        """Ask the realm for a token; cache it under ``key`` (None: a token for someone else, not kept)."""
+        if urlsplit(realm).scheme not in ("http", "https"):
+            raise UpstreamError(self.registry, f"token realm is not an http(s) URL: {realm[:100]!r}")
         query = {k: v for k, v in params.items() if k in ("service", "scope") and v}
         url = realm + ("&" if "?" in realm else "?") + urlencode(query)
         headers = {}
-        basic = self._basic()
+        basic = self._basic() if credentials else None
         if basic:
             headers["Authorization"] = basic
         try:
@@ -319,7 +325,8 @@ class UpstreamClient:
             raise UpstreamError(self.registry, "token service answered something that is not a token") from None
         if not isinstance(token, str) or not token:
             raise UpstreamError(self.registry, "token service answered no token")
-        self.tokens.put(key, token, expires_in)
+        if key is not None:
+            self.tokens.put(key, token, expires_in)
         answer.setdefault("token", token)
         answer.setdefault("expires_in", int(expires_in))
         return answer

@@ -1,0 +1,170 @@
+"""Closing the mirror to strangers: htpasswd users, our own short-lived tokens, the Bearer challenge.
+
+Clients do what they do with Docker Hub: ``docker login`` / ``podman login`` meet a ``401`` with
+``WWW-Authenticate: Bearer realm="<us>/token"``, fetch a token there with Basic credentials, and send it as
+``Authorization: Bearer``. Basic credentials sent straight to ``/v2/`` are accepted too.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import bcrypt
+from twisted.internet import threads
+
+from dioproxy.errors import RegistryError
+
+SERVICE = "dioproxy"
+_BCRYPT_PREFIXES = (b"$2y$", b"$2a$", b"$2b$")
+
+
+class HtpasswdError(ValueError):
+    pass
+
+
+class Htpasswd:
+    """Users and bcrypt hashes from an ``htpasswd -B`` file; checks run in a thread, never on the reactor."""
+
+    #: How long a verified (user, password) pair is remembered, so Basic auth on every request stays cheap.
+    REMEMBER = 300.0
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.users: dict[str, bytes] = {}
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                line = raw.strip()
+                if not line or line.startswith(b"#"):
+                    continue
+                user, sep, hashed = line.partition(b":")
+                if not sep or not hashed.startswith(_BCRYPT_PREFIXES):
+                    raise HtpasswdError(f"{path}:{number}: only bcrypt entries (htpasswd -B) are accepted")
+                self.users[user.decode()] = hashed
+        if not self.users:
+            raise HtpasswdError(f"{path}: no users")
+        # A stand-in of the same cost, so an unknown user takes as long to refuse as a wrong password.
+        cost = int(next(iter(self.users.values()))[4:6])
+        self._dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
+        self._verified: dict[bytes, float] = {}
+        self._clock = clock
+
+    async def check(self, user: str, password: str) -> bool:
+        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        if self._verified.get(key, 0) > self._clock():
+            return True
+        hashed = self.users.get(user, self._dummy)
+        ok = await threads.deferToThread(bcrypt.checkpw, password.encode(), hashed)
+        if ok and user in self.users:
+            if len(self._verified) > 10_000:
+                self._verified.clear()
+            self._verified[key] = self._clock() + self.REMEMBER
+            return True
+        return False
+
+
+@dataclass(frozen=True)
+class Grant:
+    user: str
+    repositories: frozenset[str] | None  # None: every repository (Basic credentials)
+
+    def allows(self, name: str) -> bool:
+        return self.repositories is None or name in self.repositories
+
+
+class Tokens:
+    """HMAC-signed tokens naming a user, the repositories it may pull, and an expiry."""
+
+    def __init__(self, secret: str | None, ttl: float, clock: Callable[[], float] = time.time) -> None:
+        self.key = (secret or secrets.token_hex(32)).encode()
+        self.ttl = ttl
+        self.clock = clock
+
+    def issue(self, user: str, repositories: list[str]) -> dict:
+        now = self.clock()
+        payload = _b64(json.dumps({"sub": user, "repos": repositories, "exp": now + self.ttl}).encode())
+        token = f"{payload}.{self._sign(payload)}"
+        issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+        return {"token": token, "access_token": token, "expires_in": int(self.ttl), "issued_at": issued}
+
+    def verify(self, token: str) -> Grant | None:
+        payload, _, signature = token.partition(".")
+        if not hmac.compare_digest(self._sign(payload), signature):
+            return None
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            if claims["exp"] < self.clock():
+                return None
+            return Grant(str(claims["sub"]), frozenset(claims["repos"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _sign(self, payload: str) -> str:
+        return _b64(hmac.new(self.key, payload.encode(), hashlib.sha256).digest())
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    if not authorization or authorization[:6].lower() != "basic ":
+        return None
+    try:
+        user, sep, password = base64.b64decode(authorization[6:].strip(), validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return (user, password) if sep else None
+
+
+def scope_repositories(scopes: list[str]) -> list[str]:
+    """Repository names from ``scope=repository:NAME:pull`` parameters (push is never granted)."""
+    names = []
+    for scope in scopes:
+        for part in scope.split(" "):
+            kind, _, rest = part.partition(":")
+            name, _, actions = rest.rpartition(":")
+            if kind == "repository" and name and "pull" in actions.split(","):
+                names.append(name)
+    return names
+
+
+class Gate:
+    """Decides who a request comes from; raises the 401 that starts a client's login dance."""
+
+    def __init__(self, htpasswd: Htpasswd, tokens: Tokens) -> None:
+        self.htpasswd = htpasswd
+        self.tokens = tokens
+
+    async def grant(self, authorization: str | None, realm: str, name: str | None) -> Grant:
+        if authorization and authorization[:7].lower() == "bearer ":
+            grant = self.tokens.verify(authorization[7:].strip())
+            if grant is not None and (name is None or grant.allows(name)):
+                return grant
+            raise self.challenge(realm, name, "insufficient_scope" if grant else "invalid_token")
+        credentials = basic_credentials(authorization)
+        if credentials and await self.htpasswd.check(*credentials):
+            return Grant(credentials[0], None)
+        raise self.challenge(realm, name, "invalid_credentials" if credentials else None)
+
+    async def login(self, authorization: str | None) -> str:
+        """The user behind ``/token``'s Basic credentials; 401 otherwise."""
+        credentials = basic_credentials(authorization)
+        if credentials and await self.htpasswd.check(*credentials):
+            return credentials[0]
+        raise RegistryError(
+            401, "UNAUTHORIZED", "authentication required", headers={"WWW-Authenticate": f'Basic realm="{SERVICE}"'}
+        )
+
+    def challenge(self, realm: str, name: str | None, error: str | None) -> RegistryError:
+        header = f'Bearer realm="{realm}",service="{SERVICE}"'
+        if name:
+            header += f',scope="repository:{name}:pull"'
+        if error:
+            header += f',error="{error}"'
+        return RegistryError(401, "UNAUTHORIZED", "authentication required", headers={"WWW-Authenticate": header})
