@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from twisted.application import internet, service
+from twisted.internet import ssl
 from twisted.python import usage
 
-from dioproxy.config import ConfigError, load_config
+from dioproxy.auth import Htpasswd, HtpasswdError
+from dioproxy.config import Config, ConfigError, load_config
 from dioproxy.mirror import Mirror
 from dioproxy.resources import Root
 from dioproxy.site import MirrorSite
@@ -22,6 +25,9 @@ class Options(usage.Options):
         ["interface", "i", "", "address to listen on (default: all)"],
         ["config", "c", None, "YAML configuration file"],
         ["cache-dir", "d", None, "cache directory (default: ./data, or cache.dir from the config)"],
+        ["htpasswd", None, None, "bcrypt htpasswd file: clients must log in (docker login / podman login)"],
+        ["tls-cert", None, None, "serve HTTPS with this PEM certificate (chain)"],
+        ["tls-key", None, None, "the PEM private key for --tls-cert"],
     ]
 
     def __init__(self) -> None:
@@ -36,9 +42,23 @@ class Options(usage.Options):
         if self["server.port"] is not None:
             self["port"] = self["server.port"]
         try:
-            self.config = load_config(self["config"], self["upstream"], self["cache-dir"])
-        except ConfigError as e:
+            config = load_config(self["config"], self["upstream"], self["cache-dir"])
+            security = config.security
+            overrides = {
+                "htpasswd": self["htpasswd"] or security.htpasswd,
+                "tls_cert": self["tls-cert"] or security.tls_cert,
+                "tls_key": self["tls-key"] or security.tls_key,
+            }
+            if bool(overrides["tls_cert"]) != bool(overrides["tls_key"]):
+                raise ConfigError("--tls-cert and --tls-key go together")
+            self.config = replace(config, security=replace(security, **overrides))
+            if self.config.security.htpasswd:
+                Htpasswd(self.config.security.htpasswd)
+            self.tls = tls_options(self.config) if overrides["tls_cert"] else None
+        except (ConfigError, HtpasswdError) as e:
             raise usage.UsageError(str(e)) from None
+        except OSError as e:
+            raise usage.UsageError(f"{e.filename}: {e.strerror}") from None
 
 
 class MirrorService(service.MultiService):
@@ -59,5 +79,33 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     mirror = Mirror(options.config, reactor)
     top = MirrorService(mirror)
     site = MirrorSite(Root(mirror))
-    internet.TCPServer(options["port"], site, interface=options["interface"]).setServiceParent(top)
+    if options.tls is not None:
+        internet.SSLServer(options["port"], site, options.tls, interface=options["interface"]).setServiceParent(top)
+    else:
+        internet.TCPServer(options["port"], site, interface=options["interface"]).setServiceParent(top)
     return top
+
+
+def tls_options(config: Config) -> ssl.CertificateOptions:
+    """TLS 1.2 and later with Twisted's modern cipher defaults; the certificate file may hold a chain."""
+    with open(config.security.tls_cert, "rb") as f:
+        chain = f.read()
+    with open(config.security.tls_key, "rb") as f:
+        key = f.read()
+    try:
+        certificate = ssl.PrivateCertificate.loadPEM(chain + b"\n" + key)
+        extra = [c.original for c in _pem_certificates(chain)[1:]]
+    except Exception as e:  # pyOpenSSL raises its own error types for bad PEM
+        raise ConfigError(f"--tls-cert/--tls-key: cannot load: {e}") from None
+    return ssl.CertificateOptions(
+        privateKey=certificate.privateKey.original,
+        certificate=certificate.original,
+        extraCertChain=extra,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+
+
+def _pem_certificates(data: bytes) -> list[ssl.Certificate]:
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [block + marker for block in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in block]
+    return [ssl.Certificate.loadPEM(block) for block in blocks]
