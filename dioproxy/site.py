@@ -25,8 +25,9 @@ class MirrorRequest(server.Request):
 
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
-        if not self.finished:
-            self.site.log(self, aborted=True)
+        site = getattr(self, "site", None)  # None: refused by the channel before it became a request
+        if not self.finished and site is not None:
+            site.log(self, aborted=True)
 
 
 class MirrorSite(server.Site):

@@ -264,6 +264,7 @@ class FakeRegistry:
         self.cdn_url_ttl = 600
         self.cdn_reject_authorization = True  # like S3/CloudFront: a signed URL plus Authorization is a 400
         self.referrers_api = False
+        self.strict_repos = False  # True: a blob is served only through a repository whose manifests name it
         self.requests: list[RequestRecord] = []
         self.registry_url = self.auth_url = self.cdn_url = ""
 
@@ -745,7 +746,7 @@ class FakeRegistry:
         if kind == "manifests":
             self._manifest(request, name, ref)
         elif kind == "blobs":
-            self._registry_blob(request, ref)
+            self._registry_blob(request, name, ref)
         elif kind == "tags":
             self._tags(request, name)
         else:
@@ -785,10 +786,15 @@ class FakeRegistry:
             return
         self._send(request, 200, manifest.body, headers, content_type=manifest.media_type)
 
-    def _registry_blob(self, request: Request, digest: str) -> None:
+    def _in_repo(self, name: str, digest: str) -> bool:
+        """Whether one of the repository's manifests references the blob (``strict_repos``, like real registries)."""
+        repository = self._repos.get(name)
+        return repository is not None and any(digest.encode() in m.body for m in repository.manifests.values())
+
+    def _registry_blob(self, request: Request, name: str, digest: str) -> None:
         if not _DIGEST_RE.match(digest):
             self._error(request, 400, "DIGEST_INVALID", "invalid digest", digest)
-        elif digest not in self._blobs:
+        elif digest not in self._blobs or (self.strict_repos and not self._in_repo(name, digest)):
             self._error(request, 404, "BLOB_UNKNOWN", "blob unknown to registry", digest)
         elif self.redirect_to or self.blob_redirect:
             location = self.redirect_to or self.cdn_blob_url(digest)
