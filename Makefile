@@ -10,7 +10,9 @@ PORT   ?= 8004
 $(BIN)/twistd: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/pip install -q -e '.[test]'
+	# twistd discovers plugins in twisted/plugins directories on sys.path: put the checkout itself there.
+	$(BIN)/python -c "import site; open(site.getsitepackages()[0] + '/dioproxy-checkout.pth', 'w').write('$(CURDIR)\n')"
 	touch $@
 
 venv: $(BIN)/twistd
