@@ -1,0 +1,202 @@
+"""Load generators, each in its own process: ``wrk``, ``curl``, ``bench.fetch``, ``skopeo``.
+
+Nothing is measured inside a server nor inside the bench process: a client that shares a process (or a GIL) with
+what it measures measures itself. Every process started here is killed when it overstays, and
+:func:`kill_all` ends any still running (the bench calls it on the way out, Ctrl-C included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.e2e.procs import tool
+
+from .servers import REPOSITORY, _env
+
+_running: set[subprocess.Popen] = set()
+
+
+def _popen(argv: list[str], **kwargs: object) -> subprocess.Popen:
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)  # type: ignore[call-overload]
+    _running.add(process)
+    return process
+
+
+def _finish(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(process)
+        out, err = process.communicate()
+        raise TimeoutError(f"{process.args[0]} ran over {timeout:.0f}s") from None  # type: ignore[index]
+    finally:
+        _running.discard(process)
+    return out or "", err or ""
+
+
+def _kill(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def kill_all() -> None:
+    for process in list(_running):
+        _kill(process)
+        with contextlib.suppress(Exception):
+            process.wait(5)
+        _running.discard(process)
+
+
+def _run(argv: list[str], timeout: float) -> str:
+    process = _popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPOSITORY)
+    out, err = _finish(process, timeout)
+    if process.returncode != 0:
+        raise RuntimeError(f"{Path(argv[0]).name} exited {process.returncode}: {(err or out).strip()[-300:]}")
+    return out
+
+
+# -- wrk -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests_per_second: float
+    requests: int
+    errors: int
+
+
+def wrk(url: str, seconds: float, connections: int = 32, headers: dict[str, str] | None = None) -> WrkResult:
+    """``wrk`` with 2 threads (the machine's cores) and ``connections``; non-2xx answers count as errors."""
+    argv = [shutil.which("wrk") or "/usr/bin/wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds:g}s"]
+    for key, value in (headers or {}).items():
+        argv += ["-H", f"{key}: {value}"]
+    out = _run([*argv, url], timeout=seconds + 30)
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    if not rate or not total:
+        raise RuntimeError(f"cannot read wrk's output: {out[-300:]}")
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = int(bad.group(1)) if bad else 0
+    if socket_errors:
+        errors += sum(int(n) for n in socket_errors.groups())
+    return WrkResult(float(rate.group(1)), int(total.group(1)), errors)
+
+
+# -- curl ----------------------------------------------------------------------------------------------------------
+
+_CURL_FORMAT = "%{http_code} %{size_download} %{time_total}\\n"
+
+
+def curl_streams(url: str, streams: int, timeout: float = 300) -> tuple[float, int, list[float]]:
+    """``streams`` concurrent curls to /dev/null, all of which must answer 200.
+
+    Returns the wall time until the last one ended, the bytes of all, and each curl's own ``time_total`` (which,
+    unlike the wall time, excludes starting the curl process: that matters for a single stream of a fast server).
+    """
+    argv = [shutil.which("curl") or "/usr/bin/curl", "-s", "-o", "/dev/null", "-w", _CURL_FORMAT, url]
+    started = time.monotonic()
+    processes = [_popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(streams)]
+    total, times, failures = 0, [], []
+    for process in processes:
+        out, err = _finish(process, timeout)
+        fields = out.split()
+        if process.returncode != 0 or len(fields) < 3 or fields[0] != "200":
+            failures.append(f"curl exit {process.returncode} {out.strip()} {err.strip()[-100:]}")
+        else:
+            total += int(fields[1])
+            times.append(float(fields[2]))
+    wall = time.monotonic() - started
+    if failures:
+        raise RuntimeError("; ".join(failures[:3]))
+    return wall, total, times
+
+
+def slow_readers(url: str, count: int, rate: int, seconds: float) -> list[int]:
+    """``count`` curls reading ``url`` at ``rate`` bytes/s each for ``seconds``; the bytes each one got.
+
+    ``--limit-rate`` makes curl stop reading, so TCP pushes back on the server exactly as a client on a thin link
+    does; ``--max-time`` ends them (exit 28), or they end early having read everything (exit 0).
+    """
+    argv = [
+        shutil.which("curl") or "/usr/bin/curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "--limit-rate",
+        str(rate),
+        "--max-time",
+        f"{seconds:g}",
+        "-w",
+        _CURL_FORMAT,
+        url,
+    ]
+    processes = [_popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(count)]
+    got, failures = [], []
+    for process in processes:
+        out, _ = _finish(process, seconds + 30)
+        fields = out.split()
+        if process.returncode not in (0, 28) or len(fields) < 2 or fields[0] not in ("200", "000"):
+            failures.append(f"curl exit {process.returncode} {out.strip()}")
+        got.append(int(fields[1]) if len(fields) >= 2 else 0)
+    if failures:
+        raise RuntimeError(f"{len(failures)}/{count} slow readers failed: {failures[0]}")
+    if not all(got):
+        raise RuntimeError(f"{got.count(0)}/{count} slow readers received nothing")
+    return got
+
+
+# -- bench.fetch ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fetch:
+    wall: float
+    ttfb: float
+    total: float
+
+
+def fetch(url: str, clients: int, digest: str, timeout: float = 300) -> Fetch:
+    """``clients`` concurrent verified downloads by :mod:`bench.fetch`: wall time, and first client's TTFB/total."""
+    out = _run([sys.executable, "-m", "bench.fetch", url, "--clients", str(clients), "--digest", digest], timeout)
+    answer = json.loads(out)
+    bad = [c for c in answer["clients"] if c["status"] != 200 or not c.get("digest_ok") or c["error"]]
+    if bad:
+        c = bad[0]
+        raise RuntimeError(
+            f"{len(bad)}/{clients} downloads failed: HTTP {c['status']}, {c['bytes']} bytes, "
+            f"digest ok {c.get('digest_ok')}, {c['error']}"
+        )
+    first = min(answer["clients"], key=lambda c: c["ttfb"])
+    return Fetch(answer["wall"], first["ttfb"], max(c["total"] for c in answer["clients"]))
+
+
+# -- skopeo --------------------------------------------------------------------------------------------------------
+
+
+def skopeo_pull(registry: str, reference: str, timeout: float = 300) -> float:
+    """Seconds for ``skopeo copy docker://REGISTRY/REFERENCE oci:TMP`` (plain HTTP), into a fresh directory."""
+    with tempfile.TemporaryDirectory(prefix="dioproxy-bench-pull-") as directory:
+        argv = [
+            tool("/usr/bin/skopeo"),
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            f"docker://{registry}/{reference}",
+            f"oci:{directory}/image:latest",
+        ]
+        started = time.monotonic()
+        _run(argv, timeout)
+        return time.monotonic() - started

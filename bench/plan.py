@@ -1,0 +1,52 @@
+"""How big and how long: the full run (the numbers in ``docs/performance.md``) and ``--quick`` (the smoke test).
+
+The full sizes are the issue's: a 256 MB warm blob, a ~50 MB/s far link, 32 readers at 4 MB/s, wrk for 10 s. The
+cold blobs are 100 MB so that one download takes 2 s on the link: long enough for time-to-first-byte to mean
+something, short enough to keep the whole run under ten minutes on two cores. ``--quick`` keeps every step and
+shrinks every size so that a broken step still breaks, in well under a minute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class Plan:
+    warm_blob: int = 256 * MB
+    cold_blob: int = 100 * MB
+    memory_blob: int = 256 * MB
+    image_layer_mib: int = 64
+    #: The far upstream link, bytes per second in total (shared by every connection through one relay).
+    link_rate: float = 50 * MB
+    wrk_seconds: float = 10.0
+    wrk_connections: int = 32
+    warm_streams: int = 8
+    cold_clients: int = 16
+    slow_readers: int = 32
+    slow_rate: int = 4 * MB
+    slow_seconds: float = 15.0
+    #: Repetitions of the short measurements (single-stream throughput, warm pulls); the median is reported.
+    repeats: int = 3
+    memory_target_mb: float = 150.0
+
+    @property
+    def link_floor(self) -> float:
+        """Seconds one cold blob needs on the link at best: the cold-total floor of any proxy."""
+        return self.cold_blob / self.link_rate
+
+
+FULL = Plan()
+
+QUICK = Plan(
+    warm_blob=8 * MB,
+    cold_blob=4 * MB,
+    memory_blob=8 * MB,
+    image_layer_mib=1,
+    link_rate=20 * MB,
+    wrk_seconds=1.0,
+    slow_seconds=2.0,
+    repeats=1,
+)
