@@ -9,6 +9,7 @@ the temp file is removed and every reader's connection is aborted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 from typing import Any, Callable
@@ -30,8 +31,31 @@ HOLD_BACK = 64 * 1024
 RESUMES = 3
 
 
+#: After the cache disk filled up, how long blob misses stream through uncached before we try caching again.
+DISK_FULL_BACKOFF = 30.0
+
+
 class FillFailed(Exception):
     """The fill could not produce verified bytes; readers abort their connections."""
+
+
+class DiskFull(Exception):
+    """The cache disk is full: serve this blob straight from the upstream, uncached."""
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Append to the fill's file; a short write is finished, an error (ENOSPC...) raised."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__
+    return False
 
 
 class Fill:
@@ -148,9 +172,7 @@ class _FillRunner:
         fill = self.fill
         if fill.size is not None and fill.written + len(data) > fill.size:
             raise FillFailed(f"upstream sent more than the {fill.size} bytes it announced")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        write_all(self.fd, data)
         self.sha.update(data)
         fill.written += len(data)
         fill._notify()
@@ -163,6 +185,8 @@ class _FillRunner:
             headers = {"Range": f"bytes={fill.written}-"} if fill.written else {}
             response = await self.client.request("GET", path, self.name, headers)
             skip = self._check_response(response)
+            if fill.size is not None and not fill.written:
+                self._check_space(fill.size)
             if not fill.answered:
                 fill.answered = True
                 fill._notify()
@@ -171,7 +195,7 @@ class _FillRunner:
             await writer.lost
             reason = writer.reason
             if self.error is not None:
-                raise FillFailed(str(self.error))
+                raise FillFailed(str(self.error)) from self.error
             if reason.check(webclient.ResponseDone) and (fill.size is None or fill.written == fill.size):
                 break
             attempt += 1
@@ -187,6 +211,12 @@ class _FillRunner:
             raise FillFailed(f"upstream sent bytes with digest {got}, not {fill.digest}")
         await threads.deferToThread(os.fsync, self.fd)
         self.storage.commit_blob(fill.path, fill.digest)
+
+    def _check_space(self, size: int) -> None:
+        """Refuse to start a fill the disk cannot hold: the clients stream it through instead."""
+        stat = os.statvfs(self.storage.tmp)
+        if stat.f_bavail * stat.f_frsize < size + 1024 * 1024:
+            raise DiskFull(f"{size} bytes do not fit on the cache disk")
 
     def _check_response(self, response: Any) -> int:
         """Learn the size from the first answer; on a resume, how many bytes to skip. Raises on errors."""
@@ -222,6 +252,7 @@ class FillManager:
         self.read_timeout = read_timeout
         self.on_done = on_done
         self.fills: dict[str, Fill] = {}
+        self.disk_full_until = 0.0
 
     def get(self, digest: str) -> Fill | None:
         return self.fills.get(digest)
@@ -230,7 +261,15 @@ class FillManager:
         existing = self.fills.get(digest)
         if existing is not None:
             return existing
-        path, fd = self.storage.temp_file(digest)
+        if self.reactor.seconds() < self.disk_full_until:
+            raise DiskFull()
+        try:
+            path, fd = self.storage.temp_file(digest)
+        except OSError as e:
+            if is_disk_full(e):
+                self._disk_full()
+                raise DiskFull() from e
+            raise
         fill = Fill(digest, path)
         self.fills[digest] = fill
         runner = _FillRunner(fill, fd, client, name, self.storage, self.reactor, self.read_timeout)
@@ -246,7 +285,9 @@ class FillManager:
             fill.failure = result
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(fill.path)
-            if not isinstance(result.value, RegistryError):
+            if is_disk_full(result.value):
+                self._disk_full()
+            elif not isinstance(result.value, RegistryError):
                 log.warn("fill of {digest} failed: {why}", digest=fill.digest, why=result.getErrorMessage())
             fill._notify()
         else:
@@ -255,3 +296,8 @@ class FillManager:
             if self.on_done:
                 self.on_done(fill, self.reactor.seconds() - began)
             fill._notify()
+
+    def _disk_full(self) -> None:
+        if self.reactor.seconds() >= self.disk_full_until:
+            log.warn("cache disk full: streaming blobs through uncached for {s:.0f} s", s=DISK_FULL_BACKOFF)
+        self.disk_full_until = self.reactor.seconds() + DISK_FULL_BACKOFF

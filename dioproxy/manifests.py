@@ -77,7 +77,10 @@ class ManifestStore:
 
     def put(self, digest: str, media_type: str, body: bytes) -> None:
         if self.storage:
-            self.storage.write_manifest(digest, media_type, body)
+            try:
+                self.storage.write_manifest(digest, media_type, body)
+            except OSError as e:  # a full disk must not fail the pull: memory still has it
+                log.warn("cannot store manifest {digest}: {e}", digest=digest, e=e)
         self._remember(digest, (media_type, body))
 
     def _remember(self, digest: str, entry: tuple[str, bytes]) -> None:
@@ -106,7 +109,10 @@ class TagIndex:
     def put(self, registry: str, name: str, tag: str, entry: TagEntry) -> None:
         self._entries[(registry, name, tag)] = entry
         if self.storage:
-            self.storage.write_tag(registry, name, tag, entry)
+            try:
+                self.storage.write_tag(registry, name, tag, entry)
+            except OSError as e:
+                log.warn("cannot store tag {registry}/{name}:{tag}: {e}", registry=registry, name=name, tag=tag, e=e)
 
     def forget(self, registry: str, name: str, tag: str) -> None:
         self._entries[(registry, name, tag)] = None

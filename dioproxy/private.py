@@ -12,10 +12,14 @@ import json
 import os
 from typing import Callable
 
+from twisted.logger import Logger
+
 from dioproxy.errors import blob_unknown, manifest_unknown
 from dioproxy.routing import Target
 from dioproxy.storage import DiskStorage
 from dioproxy.upstream import MANIFEST_TYPES, UpstreamClient, discard
+
+log = Logger()
 
 
 class PrivateContent:
@@ -47,7 +51,10 @@ class PrivateContent:
             return
         repositories.add(key)
         self._seen[digest] = repositories
-        self.storage.write_small(self._path(digest), json.dumps(sorted(repositories)).encode())
+        try:
+            self.storage.write_small(self._path(digest), json.dumps(sorted(repositories)).encode())
+        except OSError as e:  # kept in memory; a full disk must not fail the pull
+            log.warn("cannot record where {digest} was seen: {e}", digest=digest, e=e)
 
     async def check(self, target: Target, digest: str, kind: str) -> None:
         """Raise BLOB_UNKNOWN / MANIFEST_UNKNOWN unless ``target`` may read this cached content."""

@@ -21,6 +21,7 @@ from twisted.web import resource, server
 
 from dioproxy.auth import scope_repositories
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown, unsupported
+from dioproxy.fill import DiskFull
 from dioproxy.manifests import INDEX_TYPES
 from dioproxy.mirror import Mirror
 from dioproxy.names import check_digest, check_reference
@@ -209,8 +210,16 @@ class Blobs(Endpoint):
         request.dioproxy_outcome = "miss"
         if fill is None:
             mirror.private.mark(target, digest)
-            fill = mirror.fills.start(digest, mirror.client(target), target.name)
-        await fill.ready()
+            try:
+                fill = mirror.fills.start(digest, mirror.client(target), target.name)
+            except DiskFull:
+                request.dioproxy_outcome = "pass"
+                return await self._pass_through(request, target, digest, head)
+        try:
+            await fill.ready()
+        except DiskFull:
+            request.dioproxy_outcome = "pass"
+            return await self._pass_through(request, target, digest, head)
         if request._disconnected:
             return
         try:
