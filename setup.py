@@ -20,6 +20,7 @@ setup(
         "pyopenssl",
         "service-identity",
         "PyYAML>=6",
+        "prometheus-client>=0.17",
         # htpasswd files hold bcrypt hashes (htpasswd -B); bcrypt is the maintained binding to check them.
         "bcrypt>=4",
     ],

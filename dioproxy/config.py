@@ -76,6 +76,8 @@ class Config:
     cache_dir: str = "./data"
     cache_enabled: bool = True
     tag_ttl: float = 300.0
+    cache_max_size: int | None = None  # bytes; None: unbounded
+    cache_max_age: float | None = None  # seconds since last use; None: no limit
     default_registry: str = "docker.io"
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
@@ -96,6 +98,27 @@ def parse_duration(value: Any, key: str) -> float:
     if seconds < 0:
         raise ConfigError(f"{key}: must not be negative")
     return seconds
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(value: Any, key: str) -> int:
+    """Bytes from a number or a string such as ``500MB``, ``50GB``, ``1.5T`` (powers of 1000) or ``20GiB`` (1024)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size, got {value!r}")
+    if isinstance(value, (int, float)):
+        size = float(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([kmgtKMGT])(i?)[bB]?|([bB]?))\s*", str(value))
+        if not match:
+            raise ConfigError(f"{key}: expected a size like 500MB, 50GB or 20GiB, got {value!r}")
+        unit = (match.group(2) or "").lower()
+        base = 1024 ** "kmgt".index(unit) * 1024 if unit and match.group(3) else _SIZE_UNITS[unit]
+        size = float(match.group(1)) * base
+    if size < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    return int(size)
 
 
 def _check_url(url: Any, key: str) -> str:
@@ -122,7 +145,7 @@ def _mapping(value: Any, key: str) -> dict:
 
 
 _TOP_KEYS = {"upstreams", "hosts", "cache", "default_registry", "timeouts", "auth", "access", "rate_limit", "tls"}
-_CACHE_KEYS = {"dir", "tag_ttl", "enabled"}
+_CACHE_KEYS = {"dir", "tag_ttl", "enabled", "max_size", "max_age"}
 _UPSTREAM_KEYS = {"url", "username", "password"}
 _TIMEOUT_KEYS = {"connect", "read"}
 _AUTH_KEYS = {"htpasswd", "token_ttl", "secret"}
@@ -199,6 +222,8 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
         cache_dir=directory,
         cache_enabled=enabled,
         tag_ttl=parse_duration(cache.get("tag_ttl", 300), "cache.tag_ttl"),
+        cache_max_size=parse_size(cache["max_size"], "cache.max_size") or None if cache.get("max_size") else None,
+        cache_max_age=parse_duration(cache["max_age"], "cache.max_age") or None if cache.get("max_age") else None,
         default_registry=default,
         connect_timeout=parse_duration(timeouts.get("connect", 10), "timeouts.connect"),
         read_timeout=parse_duration(timeouts.get("read", 60), "timeouts.read"),

@@ -9,15 +9,19 @@ import time
 from typing import Any
 
 from treq.client import HTTPClient
+from twisted.internet import defer
 
 from dioproxy.auth import Gate, Htpasswd, Tokens
-from dioproxy.config import Config
+from dioproxy.config import Config, Upstream
+from dioproxy.errors import name_unknown
+from dioproxy.eviction import CacheBound, IndexedStorage, inflight_bytes
 from dioproxy.fill import FillManager
 from dioproxy.manifests import Manifests, ManifestStore, TagIndex
+from dioproxy.metrics import CountingTokenCache, Metrics
 from dioproxy.policy import RateLimiter, check_access
 from dioproxy.private import PrivateContent
+from dioproxy.reload import apply_config
 from dioproxy.routing import Target, resolve
-from dioproxy.storage import DiskStorage
 from dioproxy.upstream import TokenCache, UpstreamClient, make_http_client, make_pool
 
 
@@ -25,15 +29,30 @@ class Mirror:
     def __init__(self, config: Config, reactor: Any, http: HTTPClient | None = None) -> None:
         self.config = config
         self.reactor = reactor
-        self.storage = DiskStorage(config.cache_dir) if config.cache_enabled else None
+        self.metrics = Metrics()
+        self.storage = IndexedStorage(config.cache_dir) if config.cache_enabled else None
         self.pool = make_pool(reactor)
+        self.own_http = http is None  # a reload may rebuild our own client (connect timeout), not an injected one
         self.http = http or make_http_client(reactor, config, self.pool)
-        self.tokens = TokenCache()
-        self.clients = {
-            name: UpstreamClient(upstream, self.http, reactor, self.tokens, timeout=config.read_timeout)
-            for name, upstream in config.upstreams.items()
-        }
-        self.fills = FillManager(self.storage, reactor, config.read_timeout) if self.storage else None
+        self.tokens = CountingTokenCache(self.metrics)
+        self.clients = {name: self.make_client(upstream) for name, upstream in config.upstreams.items()}
+        self.fills = (
+            FillManager(self.storage, reactor, config.read_timeout, self.metrics.fill_done) if self.storage else None
+        )
+        self.cache = (
+            CacheBound(
+                self.storage,
+                reactor,
+                self.metrics,
+                config.cache_max_size,
+                config.cache_max_age,
+                inflight=lambda: inflight_bytes(self.fills),
+            )
+            if self.storage
+            else None
+        )
+        #: ``f(old, new)`` after each applied reload, for whatever else builds state from the config.
+        self.reloaders: list = []
         self.private = PrivateContent(self.storage, self.client) if self.storage else None
         self.manifests = Manifests(
             ManifestStore(self.storage),
@@ -44,6 +63,12 @@ class Mirror:
             caching=config.cache_enabled,
             private=self.private,
         )
+        self.apply_security(config)
+        self.metrics.watch(self.state)
+
+    def apply_security(self, config: Config) -> None:
+        """The login gate and the rate limiter for ``config.security`` (at start, and on a reload that changes it)."""
+        reactor = self.reactor
         security = config.security
         self.gate = (
             Gate(Htpasswd(security.htpasswd), Tokens(security.token_secret, security.token_ttl))
@@ -63,12 +88,52 @@ class Mirror:
         return target
 
     def client(self, target: Target) -> UpstreamClient:
-        return self.clients[target.registry]
+        client = self.clients.get(target.registry)
+        if client is None:  # removed by a reload while this request was under way
+            raise name_unknown(target.registry)
+        return client
+
+    def make_client(self, upstream: Upstream, config: Config | None = None, tokens: TokenCache | None = None) -> Any:
+        """An upstream client wired to our metrics (at start, and by a reload for a new or changed upstream)."""
+        return UpstreamClient(
+            upstream,
+            self.http,
+            self.reactor,
+            tokens or self.tokens,
+            timeout=(config or self.config).read_timeout,
+            on_response=self.metrics.upstream_response,
+            on_error=self.metrics.upstream_error,
+        )
+
+    def apply(self, config: Config) -> list[str]:
+        """Put a new, validated configuration in force at once; in-flight transfers keep their clients.
+
+        Returns the names of the settings that changed (see :mod:`dioproxy.reload`).
+        """
+        return apply_config(self, config)
+
+    def state(self) -> dict:
+        """What ``/metrics`` reads at each scrape: fills in progress, cache size and entries."""
+        fills = list(self.fills.fills.values()) if self.fills else []
+        state = {"fills": len(fills), "fill_bytes": sum(f.written for f in fills)}
+        if self.cache:
+            state.update(self.cache.state())
+        return state
+
+    def request_done(self, request: Any, aborted: bool = False) -> None:
+        """Called by the site once per request, with its access-log line: metrics and manifest last use."""
+        self.metrics.request_done(request, aborted)
+        if self.cache:
+            self.cache.request_done(request)
 
     def close(self) -> Any:
-        """Drop the upstream connections we keep for reuse (a Deferred)."""
-        return self.pool.closeCachedConnections()
+        """Drop the upstream connections we keep for reuse, stop the cache bound's timers (a Deferred)."""
+        stopped = self.cache.stop() if self.cache else defer.succeed(None)
+        return defer.gatherResults([self.pool.closeCachedConnections(), stopped])
 
     def start(self) -> int:
-        """Prepare the cache before serving: drop what an earlier crash left half-written."""
-        return self.storage.clean_temp() if self.storage else 0
+        """Prepare the cache before serving: drop what an earlier crash left half-written; index it (in a thread)."""
+        removed = self.storage.clean_temp() if self.storage else 0
+        if self.cache:
+            self.cache.start()
+        return removed

@@ -23,6 +23,7 @@ from dioproxy.auth import scope_repositories
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown, unsupported
 from dioproxy.fill import DiskFull
 from dioproxy.manifests import INDEX_TYPES
+from dioproxy.metrics import MetricsPage
 from dioproxy.mirror import Mirror
 from dioproxy.names import check_digest, check_reference
 from dioproxy.routing import Target
@@ -196,6 +197,7 @@ class Blobs(Endpoint):
         if mirror.storage is None:
             request.dioproxy_outcome = "pass"
             return await self._pass_through(request, target, digest, head)
+        mirror.cache.reading(digest, request)  # last use; never evicted while this request reads it
         size = mirror.storage.blob_size(digest)
         if size is not None:
             await mirror.private.check(target, digest, "blobs")
@@ -450,6 +452,8 @@ class Root(resource.Resource):
         self.putChild(b"v2", V2(mirror))
         self.putChild(b"token", Token(mirror))
         self.putChild(b"healthz", Health())
+        self.putChild(b"metrics", MetricsPage(mirror.metrics))
+        self.mirror = mirror  # the site reports each finished request to it (metrics, cache last use)
 
     def getChild(self, segment: bytes, request: server.Request) -> resource.Resource:
         return ErrorPage(RegistryError(404, "NOT_FOUND", "not found: this is a registry mirror, see /v2/"))

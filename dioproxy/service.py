@@ -6,12 +6,13 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.application import internet, service
-from twisted.internet import ssl
+from twisted.internet import defer, ssl
 from twisted.python import usage
 
 from dioproxy.auth import Htpasswd, HtpasswdError
 from dioproxy.config import Config, ConfigError, load_config
 from dioproxy.mirror import Mirror
+from dioproxy.reload import ConfigReloader
 from dioproxy.resources import Root
 from dioproxy.site import MirrorSite
 
@@ -62,22 +63,39 @@ class Options(usage.Options):
 
 
 class MirrorService(service.MultiService):
-    """Cleans the cache's leftovers before the port opens."""
+    """Cleans the cache's leftovers before the port opens; reloads the config on SIGHUP or when it changes."""
 
-    def __init__(self, mirror: Mirror) -> None:
+    def __init__(self, mirror: Mirror, reloader: ConfigReloader | None = None) -> None:
         super().__init__()
         self.mirror = mirror
+        self.reloader = reloader
 
     def startService(self) -> None:
         self.mirror.start()
+        if self.reloader is not None:
+            self.reloader.start()
         super().startService()
+
+    def stopService(self) -> Any:
+        if self.reloader is not None:
+            self.reloader.stop()
+        d = defer.maybeDeferred(super().stopService)
+        d.addCallback(lambda _: self.mirror.close())  # writes the cache's last-use snapshot
+        return d
+
+
+def reread(options: Options) -> Config:
+    """The configuration built as at start (same file, same command-line options), validated again."""
+    options.postOptions()
+    return options.config
 
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:
     if reactor is None:
         from twisted.internet import reactor
     mirror = Mirror(options.config, reactor)
-    top = MirrorService(mirror)
+    reloader = ConfigReloader(mirror, lambda: reread(options), options["config"], reactor, refusals=(usage.UsageError,))
+    top = MirrorService(mirror, reloader)
     site = MirrorSite(Root(mirror))
     if options.tls is not None:
         internet.SSLServer(options["port"], site, options.tls, interface=options["interface"]).setServiceParent(top)

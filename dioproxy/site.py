@@ -50,3 +50,6 @@ class MirrorSite(server.Site):
             registry=request.dioproxy_registry,
             aborted=" aborted" if aborted else "",
         )
+        mirror = getattr(self.resource, "mirror", None)
+        if mirror is not None:
+            mirror.request_done(request, aborted)

@@ -153,7 +153,8 @@ class UpstreamClient:
         timeout: float = 30.0,
         retries: int = 2,
         backoff: float = 0.25,
-        on_response: Callable[[str, str, int], None] | None = None,
+        on_response: Callable[[str, str, int, IResponse], None] | None = None,
+        on_error: Callable[[str, str], None] | None = None,
     ) -> None:
         self.upstream = upstream
         self.http = http
@@ -163,6 +164,7 @@ class UpstreamClient:
         self.retries = retries
         self.backoff = backoff
         self.on_response = on_response
+        self.on_error = on_error
         self._challenge: Challenge | None = None
         self._token_flights = SingleFlight()
 
@@ -183,6 +185,8 @@ class UpstreamClient:
                 response = await self._authorized(method, url, name, dict(headers or {}))
             except _NETWORK_ERRORS as e:
                 reason = f"{type(e).__name__}: {e}"
+                if self.on_error:
+                    self.on_error(self.registry, reason)
                 if attempt == self.retries:
                     raise UpstreamError(self.registry, reason) from None
                 log.info(
@@ -341,7 +345,7 @@ class UpstreamClient:
                 method, url, headers=headers, allow_redirects=False, unbuffered=True, timeout=self.timeout
             )
             if self.on_response:
-                self.on_response(self.registry, method, response.code)
+                self.on_response(self.registry, method, response.code, response)
             location = header(response, "Location")
             if response.code not in REDIRECT_STATUSES or not location:
                 return response

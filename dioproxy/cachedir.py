@@ -1,0 +1,153 @@
+"""Reading the cache directory as a whole: entries with sizes and last use, tags, the last-use snapshot.
+
+Plain blocking functions, no Twisted: the proxy runs them in a thread (``deferToThread``), the ``dioproxy``
+admin command calls them directly. The layout itself belongs to :mod:`dioproxy.storage`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from dioproxy.storage import TagEntry
+
+#: ``kind`` of an entry: blobs and manifests live in separate trees, a digest may be in both.
+BLOB, MANIFEST = "blob", "manifest"
+KINDS = (BLOB, MANIFEST)
+#: Last use of each entry, written now and then by the proxy (access times are kept in memory, not on disk).
+LASTUSE_FILE = "lastuse.json"
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class Entry:
+    kind: str
+    digest: str
+    path: str
+    size: int
+    mtime: float
+
+
+def entry_path(root: str, kind: str, digest: str) -> str:
+    hexdigest = digest.split(":", 1)[1]
+    if kind == BLOB:
+        return os.path.join(root, "blobs", "sha256", hexdigest[:2], hexdigest)
+    return os.path.join(root, "manifests", "sha256", hexdigest)
+
+
+def scan(root: str) -> Iterator[Entry]:
+    """Every stored blob and manifest (files named by a sha256 digest), with size and mtime."""
+    blobs = os.path.join(root, "blobs", "sha256")
+    with contextlib.suppress(FileNotFoundError):
+        for prefix in os.scandir(blobs):
+            if prefix.is_dir(follow_symlinks=False):
+                yield from _files(prefix.path, BLOB)
+    yield from _files(os.path.join(root, "manifests", "sha256"), MANIFEST)
+
+
+def _files(directory: str, kind: str) -> Iterator[Entry]:
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return
+    for item in entries:
+        if not _HEX.fullmatch(item.name):
+            continue
+        try:
+            st = item.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        yield Entry(kind, "sha256:" + item.name, item.path, st.st_size, st.st_mtime)
+
+
+def load_lastuse(root: str) -> dict[str, dict[str, float]]:
+    """``{kind: {digest: unix time}}`` from the snapshot; empty if there is none or it is unreadable."""
+    try:
+        with open(os.path.join(root, LASTUSE_FILE), encoding="utf-8") as f:
+            data = json.load(f)
+        return {kind: {str(d): float(t) for d, t in data.get(kind, {}).items()} for kind in KINDS}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {kind: {} for kind in KINDS}
+
+
+def save_lastuse(root: str, data: dict[str, dict[str, float]]) -> None:
+    """Write the snapshot atomically (temp file in ``tmp/``, then rename)."""
+    temp = os.path.join(root, "tmp", f"lastuse.{secrets.token_hex(6)}")
+    with open(temp, "w", encoding="utf-8") as f:
+        json.dump(data, f, separators=(",", ":"))
+    os.rename(temp, os.path.join(root, LASTUSE_FILE))
+
+
+def last_use(root: str) -> dict[tuple[str, str], float]:
+    """``(kind, digest) → last use``: the snapshot where it knows better, the file's mtime otherwise."""
+    snapshot = load_lastuse(root)
+    out = {}
+    for entry in scan(root):
+        out[(entry.kind, entry.digest)] = max(entry.mtime, snapshot[entry.kind].get(entry.digest, 0.0))
+    return out
+
+
+@dataclass
+class Tag:
+    registry: str
+    name: str
+    tag: str
+    path: str
+    entry: TagEntry | None  # None: the tag file is unreadable
+
+
+def tags(root: str) -> Iterator[Tag]:
+    """Every tag entry under ``repos/<registry>/<name>/_tags/<tag>``."""
+    repos = os.path.join(root, "repos")
+    for directory, subdirs, files in os.walk(repos):
+        if os.path.basename(directory) != "_tags":
+            subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+            continue
+        subdirs[:] = []
+        repo = os.path.relpath(os.path.dirname(directory), repos).split(os.sep)
+        if len(repo) < 2:
+            continue
+        for tag in sorted(files):
+            path = os.path.join(directory, tag)
+            try:
+                with open(path, "rb") as f:
+                    entry = TagEntry(**json.load(f))
+            except (OSError, ValueError, TypeError):
+                entry = None
+            yield Tag(repo[0], "/".join(repo[1:]), tag, path, entry)
+
+
+def read_manifest(root: str, digest: str) -> tuple[str, bytes] | None:
+    try:
+        with open(entry_path(root, MANIFEST, digest), "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    media_type, _, body = data.partition(b"\n")
+    return media_type.decode("utf-8", "replace"), body
+
+
+def references(body: bytes) -> tuple[list[str], list[str]]:
+    """``(child manifests, blobs)`` a manifest refers to: an index's manifests, an image's config and layers."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return [], []
+    if not isinstance(doc, dict):
+        return [], []
+
+    def digests(items: object) -> list[str]:
+        if not isinstance(items, list):
+            return []
+        return [i["digest"] for i in items if isinstance(i, dict) and isinstance(i.get("digest"), str)]
+
+    blobs = digests(doc.get("layers"))
+    config = doc.get("config")
+    if isinstance(config, dict) and isinstance(config.get("digest"), str):
+        blobs.insert(0, config["digest"])
+    return digests(doc.get("manifests")), blobs
