@@ -104,6 +104,9 @@ class ClientTestCase(unittest.TestCase):
                 0,
                 f"{self.client}: cold pull of {image.reference} made no upstream blob request: not via the proxy?",
             )
+            for other in self.world.registries:
+                if other != image.registry:
+                    self.assertEqual(cold.upstream[f"{other} total"], 0, f"{image.reference} was routed to {other} too")
             await deferToThread(remove, image)
             warm = await self.measure(image, "warm", lambda image=image: pull(image))
             await deferToThread(verify, image)

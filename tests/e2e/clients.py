@@ -314,6 +314,7 @@ class Nginx:
         site = self.base / "site.conf"
         site.write_text(snippets.nginx_site_conf(f"127.0.0.1:{self.port}", "localhost", proxy))
         logs = log_dir()
+        self.access_log = logs / f"nginx-access-{self.port}.log"
         conf = self.base / "nginx.conf"
         # The wrapper a distribution's nginx.conf provides, with every path private. `user root`: the temp
         # directories live in a private 0700 directory that the default `nobody` workers could not enter.
@@ -322,7 +323,7 @@ class Nginx:
             f"error_log {logs}/nginx-error.log info;\n"
             "events { worker_connections 256; }\n"
             "http {\n"
-            f"  access_log {logs}/nginx-access.log;\n"
+            f"  access_log {self.access_log};\n"
             f"  client_body_temp_path {self.base}/client_body;\n"
             f"  proxy_temp_path {self.base}/proxy;\n"
             f"  fastcgi_temp_path {self.base}/fastcgi;\n"
@@ -348,3 +349,11 @@ class Nginx:
     def stop(self) -> None:
         self.daemon.stop()
         remove_tree(self.base)
+
+    def requests(self) -> int:
+        """Registry API requests in nginx's access log (the proxy behind it logs them too)."""
+        try:
+            text = self.access_log.read_text()
+        except FileNotFoundError:
+            return 0
+        return len(PROXY_REQUEST.findall(text))

@@ -7,6 +7,11 @@ pull land in ``_trial_temp/e2e-logs/pulls.txt``.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import ssl
+import time
+
 from twisted.internet.threads import deferToThread
 
 from .base import ClientTestCase, assert_digest
@@ -190,6 +195,7 @@ class NginxTests(ClientTestCase):
             self.assertEqual(blobs, set(image.blobs))
 
         await self.check_pulls([self.image("hello"), self.image("big")], pull, lambda image: None, verify)
+        self.assertGreater(nginx.requests(), 0, "nginx logged no registry request: the pulls bypassed it?")
 
     async def test_podman_through_nginx(self) -> None:
         """podman with nginx as its docker.io mirror: the whole chain a production set-up has."""
@@ -203,3 +209,34 @@ class NginxTests(ClientTestCase):
             lambda image: podman.remove(ref),
             lambda image: assert_digest(podman.repo_digests(ref), image, "docker.io/library/hello"),
         )
+
+
+class PlainHttpPortTests(ClientTestCase):
+    """What an ``insecure`` registry's clients do before speaking plain HTTP."""
+
+    client = "TLS probe"
+    todo = (
+        "the proxy leaves a TLS ClientHello on its plain-HTTP port unanswered: podman, skopeo and "
+        "`docker pull MIRROR/...` wait for Go's 10 s TLS handshake timeout on every pull (reported)"
+    )
+
+    async def test_tls_client_hello_refused_at_once(self) -> None:
+        """podman, skopeo and dockerd try HTTPS first on an insecure registry (``insecure = true``,
+        ``insecure-registries``) and fall back to HTTP only when the handshake fails. The CNCF registry and nginx
+        answer a ClientHello at once (400, close); a server that waits for more bytes costs every pull 10 s."""
+
+        def probe() -> float:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            started = time.monotonic()
+            # Expected: SSLError (or a reset) right away. A timeout (also an OSError) comes too late.
+            with (
+                socket.create_connection(("127.0.0.1", self.proxy.port), timeout=5) as sock,
+                contextlib.suppress(OSError),
+            ):
+                context.wrap_socket(sock)
+            return time.monotonic() - started
+
+        elapsed = await deferToThread(probe)
+        self.assertLess(elapsed, 2.0, f"TLS handshake on the plain-HTTP port took {elapsed:.1f}s to fail")
