@@ -53,6 +53,24 @@ def tool(path: str) -> str:
     )
 
 
+INSTALLER = Path(__file__).resolve().parents[2] / "scripts" / "install-system-deps"
+
+
+def ensure_tools() -> None:
+    """Installs missing Debian packages when running as root (what ``make test`` does first anyway), then fails
+    loudly, naming every tool still missing. Blocking (apt-get): call it from a thread."""
+    missing = [path for path in TOOLS if not os.access(path, os.X_OK)]
+    if missing and os.geteuid() == 0:
+        subprocess.run([str(INSTALLER)], stdin=subprocess.DEVNULL, capture_output=True, timeout=1200)
+        missing = [path for path in TOOLS if not os.access(path, os.X_OK)]
+    if missing:
+        packages = sorted({TOOLS[path] for path in missing})
+        raise MissingTool(
+            f"missing {', '.join(missing)} (Debian packages {' '.join(packages)}): "
+            f"run `sudo {INSTALLER}` (`make test` does it when run as root)"
+        )
+
+
 def free_port() -> int:
     """An unused loopback port. A small race with other programs remains; the suite runs alone on CI."""
     with socket.socket() as s:

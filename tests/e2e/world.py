@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from . import images
-from .procs import Daemon, free_port, http_status, run, tool
+from .procs import Daemon, ensure_tools, free_port, http_status, run, tool
 from .tokens import SEED_PASSWORD, SEED_USER, TokenService
 
 BIG_LAYER_MIB = 24
@@ -263,6 +263,7 @@ def get_world() -> World:
     global _world
     with _world_lock:
         if _world is None:
+            ensure_tools()
             world = World()
             try:
                 world.start()
