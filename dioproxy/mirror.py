@@ -101,7 +101,7 @@ class Mirror:
             self.reactor,
             tokens or self.tokens,
             timeout=(config or self.config).read_timeout,
-            on_response=self.metrics.upstream_response,
+            on_response=self.upstream_response,
             on_error=self.metrics.upstream_error,
         )
 
@@ -111,6 +111,12 @@ class Mirror:
         Returns the names of the settings that changed (see :mod:`dioproxy.reload`).
         """
         return apply_config(self, config)
+
+    def upstream_response(self, registry: str, method: str, code: int, response: Any) -> None:
+        """Every upstream answer: metrics; and a blob about to be stored (its size is known now) gets room in time."""
+        self.metrics.upstream_response(registry, method, code, response)
+        if self.cache is not None and code in (200, 206):
+            self.cache.schedule_check()
 
     def state(self) -> dict:
         """What ``/metrics`` reads at each scrape: fills in progress, cache size and entries."""

@@ -1,0 +1,354 @@
+"""The size-bounded cache: LRU eviction, pins, max_age, the start-up index, and the bound under continuous pulls."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.trial import unittest
+
+from dioproxy.cachedir import BLOB, LASTUSE_FILE, MANIFEST
+from dioproxy.eviction import CacheBound, CacheIndex, IndexedStorage
+from dioproxy.metrics import Metrics
+from tests.harness import Proxy, start_upstream
+from tests.test_ops_metrics import Puller, value
+
+KB = 1000
+
+
+def digest_of(n: int) -> str:
+    return "sha256:" + f"{n:064x}"
+
+
+class FakeRequest:
+    """Just what a pin needs: finished/_disconnected and notifyFinish()."""
+
+    def __init__(self) -> None:
+        self.finished = False
+        self._disconnected = False
+        self._done: list[defer.Deferred] = []
+
+    def notifyFinish(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._done.append(d)
+        return d
+
+    def finish(self) -> None:
+        self.finished = True
+        for d in self._done:
+            d.callback(None)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class IndexTests(unittest.TestCase):
+    def test_lru_order_and_counts(self):
+        index = CacheIndex()
+        index.add((BLOB, "a"), 10, 1.0)
+        index.add((BLOB, "b"), 20, 2.0)
+        index.add((MANIFEST, "c"), 5, 3.0)
+        index.touch((BLOB, "a"), 4.0)
+        self.assertEqual([k for k, _ in index.oldest()], [(BLOB, "b"), (MANIFEST, "c"), (BLOB, "a")])
+        self.assertEqual((index.size, index.counts), (35, {BLOB: 2, MANIFEST: 1}))
+        index.add((BLOB, "b"), 25, 5.0)  # rewritten: replaces, counts once
+        self.assertEqual((index.size, index.counts[BLOB]), (40, 2))
+        index.remove((BLOB, "a"))
+        self.assertEqual((index.size, len(index)), (30, 2))
+        self.assertIsNone(index.remove((BLOB, "zz")))
+
+
+class BoundTests(unittest.TestCase):
+    """CacheBound on a real directory, driven directly (no timers: check_interval 0)."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        self.storage = IndexedStorage(self.root)
+        self.clock = Clock()
+        self.metrics = Metrics()
+        self.bound = self.make_bound(max_size=100 * KB)
+        yield self.bound.start()
+
+    def make_bound(self, **kwargs) -> CacheBound:
+        bound = CacheBound(
+            self.storage,
+            reactor,
+            self.metrics,
+            clock=self.clock,
+            check_interval=0,
+            snapshot_interval=0,
+            rescan_interval=0,
+            **kwargs,
+        )
+        self.addCleanup(bound.stop)
+        return bound
+
+    def put_blob(self, n: int, size: int) -> str:
+        digest = digest_of(n)
+        path, fd = self.storage.temp_file(digest)
+        os.write(fd, b"x" * size)
+        os.close(fd)
+        self.storage.commit_blob(path, digest)
+        self.clock.now += 1
+        return digest
+
+    def exists(self, digest: str) -> bool:
+        return os.path.exists(self.storage.blob_path(digest))
+
+    @defer.inlineCallbacks
+    def settle(self):
+        """Let the scheduled check and the unlink threads run."""
+        for _ in range(3):
+            yield task.deferLater(reactor, 0.01, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_least_recently_used_go_first(self):
+        digests = [self.put_blob(i, 30 * KB) for i in range(3)]  # 90 KB
+        self.bound.touch(BLOB, digests[0])  # now 1 is the oldest
+        self.put_blob(3, 30 * KB)  # 120 KB > 100 KB: one must go
+        yield self.settle()
+        self.assertEqual([self.exists(d) for d in digests], [True, False, True])
+        self.assertEqual(self.bound.index.size, 90 * KB)
+        self.assertEqual(value(self.metrics.exposition().decode(), "dioproxy_evictions_total", reason="size"), 1)
+        self.assertEqual(
+            value(self.metrics.exposition().decode(), "dioproxy_evicted_bytes_total", reason="size"), 30 * KB
+        )
+        self.assertFalse([f for f in os.listdir(self.storage.tmp) if f.startswith("evicted.")])
+
+    @defer.inlineCallbacks
+    def test_manifests_are_evicted_too(self):
+        self.storage.write_manifest(digest_of(100), "application/json", b"m" * (60 * KB))
+        self.clock.now += 1
+        self.put_blob(1, 60 * KB)
+        yield self.settle()
+        self.assertFalse(os.path.exists(self.storage.manifest_path(digest_of(100))))
+        self.assertTrue(self.exists(digest_of(1)))
+
+    @defer.inlineCallbacks
+    def test_an_entry_being_read_is_never_evicted(self):
+        first = self.put_blob(1, 50 * KB)
+        reader = FakeRequest()
+        self.bound.reading(first, reader)
+        self.clock.now += 1
+        for i in range(2, 6):
+            self.put_blob(i, 30 * KB)
+            yield self.settle()
+            self.assertTrue(self.exists(first), "a blob being read was evicted")
+        self.assertLessEqual(self.bound.index.size, 100 * KB)
+        reader.finish()
+        self.clock.now += 1
+        for i in range(6, 9):
+            self.put_blob(i, 30 * KB)
+        yield self.settle()
+        self.assertFalse(self.exists(first), "the blob stayed after its reader left")
+
+    @defer.inlineCallbacks
+    def test_a_reader_that_vanished_without_notice_does_not_pin_forever(self):
+        first = self.put_blob(1, 50 * KB)
+        reader = FakeRequest()
+        self.bound.reading(first, reader)
+        reader._disconnected = True  # the channel was paused: notifyFinish never fired
+        self.put_blob(2, 60 * KB)
+        yield self.settle()
+        self.assertFalse(self.exists(first))
+
+    @defer.inlineCallbacks
+    def test_fills_in_progress_count_against_the_bound(self):
+        inflight = [0]
+        bound = self.make_bound(max_size=100 * KB, inflight=lambda: inflight[0])
+        yield bound.stop()  # replace the default one
+        yield self.bound.stop()
+        self.bound = bound
+        yield bound.start()
+        a = self.put_blob(1, 40 * KB)
+        b = self.put_blob(2, 40 * KB)
+        inflight[0] = 50 * KB  # a fill announced 50 KB: room is made before its bytes arrive
+        bound.check()
+        yield self.settle()
+        self.assertEqual((self.exists(a), self.exists(b)), (False, True))
+
+    @defer.inlineCallbacks
+    def test_max_age(self):
+        old = self.put_blob(1, 1 * KB)
+        self.clock.now += 3600
+        young = self.put_blob(2, 1 * KB)
+        self.bound.configure(None, 1800)
+        yield self.settle()
+        self.assertEqual((self.exists(old), self.exists(young)), (False, True))
+        self.assertEqual(value(self.metrics.exposition().decode(), "dioproxy_evictions_total", reason="age"), 1)
+
+    @defer.inlineCallbacks
+    def test_a_new_bound_applies_at_once(self):
+        for i in range(3):
+            self.put_blob(i, 30 * KB)
+        yield self.settle()
+        self.bound.configure(40 * KB, None)
+        yield self.settle()
+        self.assertEqual(self.bound.index.size, 30 * KB)
+        self.bound.configure(None, None)  # unbounded again
+        for i in range(3, 8):
+            self.put_blob(i, 30 * KB)
+        yield self.settle()
+        self.assertEqual(self.bound.index.size, 180 * KB)
+
+    @defer.inlineCallbacks
+    def test_restart_keeps_the_order_from_the_snapshot_and_mtimes(self):
+        digests = [self.put_blob(i, 30 * KB) for i in range(3)]
+        self.bound.touch(BLOB, digests[0])  # in memory only: no file is written per hit
+        mtime = os.stat(self.storage.blob_path(digests[0])).st_mtime
+        yield self.bound.stop()
+        with open(os.path.join(self.root, LASTUSE_FILE)) as f:
+            snapshot = json.load(f)
+        self.assertLess(abs(snapshot[BLOB][digests[0]] - self.clock.now), 0.1)
+        self.assertEqual(os.stat(self.storage.blob_path(digests[0])).st_mtime, mtime)
+
+        restarted = self.make_bound(max_size=100 * KB)
+        yield restarted.start()
+        self.assertEqual(restarted.index.size, 90 * KB)
+        order = [k[1] for k, _ in restarted.index.oldest()]
+        self.assertEqual(order[-1], digests[0], "the snapshot's last use was lost")
+        self.put_blob(9, 30 * KB)
+        yield self.settle()
+        self.assertTrue(self.exists(digests[0]))
+
+    @defer.inlineCallbacks
+    def test_without_a_snapshot_file_times_come_from_mtimes(self):
+        digests = [self.put_blob(i, 10 * KB) for i in range(3)]
+        for i, d in enumerate(digests):  # oldest file last
+            os.utime(self.storage.blob_path(d), (1000 + 10 * (3 - i), 1000 + 10 * (3 - i)))
+        yield self.bound.stop()
+        os.unlink(os.path.join(self.root, LASTUSE_FILE))
+        restarted = self.make_bound(max_size=100 * KB)
+        yield restarted.start()
+        self.assertEqual([k[1] for k, _ in restarted.index.oldest()], list(reversed(digests)))
+
+    @defer.inlineCallbacks
+    def test_rescan_drops_what_was_removed_behind_our_back(self):
+        a = self.put_blob(1, 10 * KB)
+        self.put_blob(2, 10 * KB)
+        os.unlink(self.storage.blob_path(a))
+        yield self.bound.rescan()
+        self.assertEqual(self.bound.index.size, 10 * KB)
+        self.assertNotIn((BLOB, a), self.bound.index)
+
+    @defer.inlineCallbacks
+    def test_entries_stored_during_the_scan_are_kept(self):
+        bound = self.make_bound(max_size=None)
+        d = bound.start()
+        self.put_blob(1, 10 * KB)  # the scan runs in a thread; this lands while it may still run
+        yield d
+        self.assertIn((BLOB, digest_of(1)), bound.index)
+
+
+class _StalledReader(protocol.Protocol):
+    """Asks for a blob and then reads nothing, with small socket buffers on both ends: the server's producer
+    stays paused with the file open, mid-body."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.closed: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.transport.pauseProducing()
+
+    def send(self) -> None:
+        self.transport.write(f"GET {self.path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+    def connectionLost(self, reason=None) -> None:
+        self.closed.callback(None)
+
+
+def disk_usage(root: str) -> int:
+    """Apparent size of everything the cache holds on disk, temp files of fills included."""
+    total = 0
+    for sub in ("blobs", "manifests", "tmp"):
+        for directory, _, files in os.walk(os.path.join(root, sub)):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(os.path.join(directory, name)).st_size
+    return total
+
+
+class BoundUnderLoadTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.fake = start_upstream(self, auth_mode=None)
+        self.bound = 4_000_000
+        self.proxy = Proxy(self, self.fake.registry_url, cache={"max_size": "4MB"})
+        self.cache = self.proxy.mirror.cache
+        self.cache.check_interval = 0.05  # before its loops start (after the start-up scan)
+        yield self.cache.when_ready()
+        self.puller = Puller(self, self.proxy)
+
+    @defer.inlineCallbacks
+    def test_the_bound_holds_under_a_stream_of_pulls(self):
+        """30 images of 400 KB layers (12 MB, three times the bound), three pulls at a time, upstream paced."""
+        self.fake.slow(4_000_000)
+        images = [self.fake.add_image(f"library/img{i}", "1", layer_sizes=[400_000]) for i in range(30)]
+        samples = []
+        sampler = task.LoopingCall(lambda: samples.append(disk_usage(self.proxy.cache_dir)))
+        sampler.start(0.01)
+        try:
+            for start in range(0, len(images), 3):
+                yield defer.gatherResults([self.puller.pull(image) for image in images[start : start + 3]])
+                yield task.deferLater(reactor, 0, lambda: None)
+                self.assertLessEqual(disk_usage(self.proxy.cache_dir), self.bound)
+        finally:
+            sampler.stop()
+        peak = max(samples)
+        print(f"\ncache disk use over {len(samples)} samples: peak {peak} bytes for a bound of {self.bound}")
+        self.assertLessEqual(peak, self.bound * 1.03, "the bound was passed by more than 3%")
+        self.assertGreater(disk_usage(self.proxy.cache_dir), self.bound * 0.7, "the cache is not used")
+        text = yield self.puller.metrics()
+        self.assertGreater(value(text, "dioproxy_evictions_total", reason="size"), 30)
+        self.assertLessEqual(value(text, "dioproxy_cache_size_bytes"), self.bound)
+        self.assertEqual(value(text, "dioproxy_cache_max_size_bytes"), self.bound)
+        # The most recent image is whole and served from the cache.
+        self.fake.clear_requests()
+        yield self.puller.pull(images[-1])
+        self.assertEqual(self.fake.count("cdn"), 0)
+
+    @defer.inlineCallbacks
+    def test_a_blob_being_streamed_stays_until_its_client_is_done(self):
+        big = self.fake.add_image("library/big", "1", layer_sizes=[2_500_000])
+        yield self.puller.pull(big)
+        layer = big.layer_digests[0]
+        reader = _StalledReader(f"/v2/library/big/blobs/{layer}")
+        accepted = []
+        factory = self.proxy.port.factory
+        build = factory.buildProtocol
+        factory.buildProtocol = lambda addr: accepted.append(build(addr)) or accepted[-1]
+        self.addCleanup(lambda: reader.transport and reader.transport.abortConnection())
+        yield protocol.ClientCreator(reactor, lambda: reader).connectTCP("127.0.0.1", self.proxy.port.getHost().port)
+        while not accepted or accepted[0].transport is None:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        accepted[0].transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        factory.buildProtocol = build
+        reader.send()
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(len(self.cache.pins), 1, "the stalled client is not reading the blob")
+        images = [self.fake.add_image(f"library/small{i}", "1", layer_sizes=[300_000]) for i in range(12)]
+        for image in images:
+            yield self.puller.pull(image)
+            self.assertTrue(os.path.exists(self.proxy.blob_file(layer)), "a blob being read was evicted")
+        reader.transport.abortConnection()
+        yield reader.closed
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        for image in images[:10]:
+            yield self.puller.pull(image)
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertFalse(os.path.exists(self.proxy.blob_file(layer)), "evictable once its reader is gone")
+        self.assertLessEqual(disk_usage(self.proxy.cache_dir), self.bound)
