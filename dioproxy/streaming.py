@@ -22,7 +22,7 @@ from dioproxy.fill import Fill
 
 log = Logger()
 
-CHUNK = 256 * 1024
+CHUNK = 64 * 1024
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
