@@ -121,7 +121,13 @@ class ConfigReloader:
 
     def _sighup(self, signum: int, frame: Any) -> None:
         # A signal handler may run between any two bytecodes: hand the work to the reactor.
-        self.reactor.callFromThread(self.reload, "SIGHUP")
+        self.reactor.callFromThread(self.hangup)
+
+    def hangup(self) -> None:
+        """SIGHUP: reload the config; re-read the cache directory (after ``dioproxy purge`` or ``verify --repair``)."""
+        self.reload("SIGHUP")
+        if getattr(self.mirror, "cache", None) is not None and self.mirror.cache.ready:
+            self.mirror.cache.rescan()
 
     def _signature(self) -> tuple | None:
         if not self.path:

@@ -1,143 +1,41 @@
-"""Client configuration snippets, shared by the end-to-end tests and ``docs/clients.md``.
+"""Client configuration snippets: a thin re-export of :mod:`dioproxy.snippets`, where the templates now live.
 
-Each function renders one file a user copies onto a machine. The tests render them with loopback addresses and
-feed them to the real clients; ``python -m tests.e2e.snippets`` renders them with the documentation's example
-addresses, and ``tests/e2e/test_docs.py`` checks that ``docs/clients.md`` contains exactly those renderings. So a
-snippet in the docs is always one that a real client was just shown to work with.
+One source for the end-to-end tests (which feed these renderings to the real clients), ``docs/clients.md``
+(``tests/e2e/test_docs.py`` checks it shows exactly ``doc_snippets()``) and ``dioproxy client-config``. Re-render
+the documentation's copies with ``python -m tests.e2e.snippets`` (or ``python -m dioproxy.snippets``).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from dioproxy.snippets import (
+    CONTAINERD_SERVERS,
+    DOC_CONFIG,
+    DOC_MIRROR,
+    DOC_PROXY_PORT,
+    containerd_hosts_toml,
+    doc_snippets,
+    docker_daemon_json,
+    nginx_site_conf,
+    podman_registries_conf,
+    proxy_argv,
+    render_docker_daemon_json,
+    systemd_unit,
+)
 
-#: Example addresses used in the documentation.
-DOC_MIRROR = "mirror.example.internal:8004"
-DOC_PROXY_PORT = 8004
-
-
-def docker_daemon_json(mirror: str) -> dict:
-    """``/etc/docker/daemon.json``: dockerd uses ``registry-mirrors`` for docker.io images only; the mirror URL is
-    a bare origin. ``insecure-registries`` lets ``docker pull MIRROR/library/hello:1.0`` talk plain HTTP too."""
-    return {"registry-mirrors": [f"http://{mirror}"], "insecure-registries": [mirror]}
-
-
-def render_docker_daemon_json(mirror: str) -> str:
-    return json.dumps(docker_daemon_json(mirror), indent=2) + "\n"
-
-
-def podman_registries_conf(mirror: str, registries: Sequence[str] = ("ghcr.io",)) -> str:
-    """``/etc/containers/registries.conf`` (or a drop-in in ``registries.conf.d/``) for podman, buildah, skopeo.
-
-    docker.io is mirrored at the proxy's root; any other registry at the proxy with a path prefix naming it, which
-    the proxy routes by its first path segment. The last block allows plain HTTP for direct pulls of
-    ``MIRROR/library/hello:1.0``.
-    """
-    blocks = [
-        'unqualified-search-registries = ["docker.io"]\n',
-        f'[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n\n'
-        f'[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n',
-    ]
-    for registry in registries:
-        blocks.append(
-            f'[[registry]]\nprefix = "{registry}"\nlocation = "{registry}"\n\n'
-            f'[[registry.mirror]]\nlocation = "{mirror}/{registry}"\ninsecure = true\n'
-        )
-    blocks.append(f'[[registry]]\nlocation = "{mirror}"\ninsecure = true\n')
-    return "\n".join(blocks)
-
-
-#: The upstream API host that containerd would use without the mirror (``server`` in hosts.toml).
-CONTAINERD_SERVERS = {"docker.io": "https://registry-1.docker.io", "ghcr.io": "https://ghcr.io"}
-
-
-def containerd_hosts_toml(mirror: str, registry: str | None) -> str:
-    """``/etc/containerd/certs.d/<registry>/hosts.toml``; ``registry=None`` renders ``_default/hosts.toml``, which
-    applies to every registry without its own directory. containerd adds ``?ns=<registry>`` to each request."""
-    head = ""
-    if registry is not None:
-        head = f'server = "{CONTAINERD_SERVERS.get(registry, "https://" + registry)}"\n\n'
-    return f'{head}[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
-
-
-def nginx_site_conf(listen: str, server_name: str, proxy: str) -> str:
-    """The seed's nginx site, corrected: ``$http_host`` keeps the port (``$host`` drops it), the real scheme
-    instead of a hard-coded ``https``, no websocket ``Upgrade`` headers (they made every request ``Connection:
-    upgrade``), and no buffering so large blobs stream through instead of being spooled to nginx's disk first."""
-    return f"""server {{
-  listen {listen};
-  server_name {server_name};
-
-  location / {{
-    proxy_pass http://{proxy};
-    proxy_http_version 1.1;
-    proxy_set_header Connection "";
-    proxy_set_header Host $http_host;
-    proxy_set_header X-Real-IP $remote_addr;
-    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-    proxy_set_header X-Forwarded-Proto $scheme;
-    proxy_buffering off;
-    proxy_request_buffering off;
-    proxy_read_timeout 15m;
-  }}
-}}
-"""
-
-
-def proxy_argv(
-    twistd: Sequence[str],
-    port: int,
-    interface: str,
-    cache_dir: str,
-    upstreams: Mapping[str, str] | None = None,
-) -> list[str]:
-    """The proxy's command line (``twistd`` may be ``[python, -m, twisted]``); also the systemd unit's
-    ``ExecStart``. Without ``upstreams`` the proxy uses the real registries."""
-    argv = [*twistd, "-n", "--pidfile=", "dioproxy", "--port", str(port), "--interface", interface]
-    argv += ["--cache-dir", cache_dir]
-    for name, url in (upstreams or {}).items():
-        argv += ["--upstream", f"{name}={url}"]
-    return argv
-
-
-def systemd_unit(exec_start: Sequence[str]) -> str:
-    """``/etc/systemd/system/dioproxy.service``. Unlike the seed's unit this is a system unit (``User=`` is
-    meaningless in a ``--user`` unit), runs unprivileged with a systemd-managed cache directory, and is
-    enabled for ``multi-user.target``."""
-    return f"""[Unit]
-Description=dioproxy, a caching pull-through mirror for container registries
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=simple
-DynamicUser=yes
-CacheDirectory=dioproxy
-ExecStart={" ".join(exec_start)}
-Restart=on-failure
-RestartSec=5s
-NoNewPrivileges=yes
-ProtectSystem=strict
-ProtectHome=yes
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-
-def doc_snippets() -> dict[str, str]:
-    """Every snippet as ``docs/clients.md`` shows it (example host names instead of loopback ports)."""
-    exec_start = proxy_argv(["/opt/dioproxy/bin/twistd"], DOC_PROXY_PORT, "127.0.0.1", "/var/cache/dioproxy")
-    return {
-        "daemon.json": render_docker_daemon_json(DOC_MIRROR),
-        "registries.conf": podman_registries_conf(DOC_MIRROR),
-        "certs.d/docker.io/hosts.toml": containerd_hosts_toml(DOC_MIRROR, "docker.io"),
-        "certs.d/ghcr.io/hosts.toml": containerd_hosts_toml(DOC_MIRROR, "ghcr.io"),
-        "certs.d/_default/hosts.toml": containerd_hosts_toml(DOC_MIRROR, None),
-        "nginx site": nginx_site_conf("80", "mirror.example.internal", f"127.0.0.1:{DOC_PROXY_PORT}"),
-        "dioproxy.service": systemd_unit(exec_start),
-    }
-
+__all__ = [
+    "CONTAINERD_SERVERS",
+    "DOC_CONFIG",
+    "DOC_MIRROR",
+    "DOC_PROXY_PORT",
+    "containerd_hosts_toml",
+    "doc_snippets",
+    "docker_daemon_json",
+    "nginx_site_conf",
+    "podman_registries_conf",
+    "proxy_argv",
+    "render_docker_daemon_json",
+    "systemd_unit",
+]
 
 if __name__ == "__main__":
     for name, text in doc_snippets().items():

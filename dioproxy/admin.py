@@ -1,0 +1,683 @@
+"""``dioproxy``: the operator's command. Prefetch images through a running proxy; list, inspect, verify and purge
+the cache directory; print client configuration for this proxy's address.
+
+    dioproxy prefetch alpine:3.19 ghcr.io/owner/img:1 --proxy http://127.0.0.1:8004 [--platform linux/amd64]
+    dioproxy ls [--cache-dir DIR | --config FILE]
+    dioproxy stats [--proxy URL]
+    dioproxy verify [--repair]
+    dioproxy purge IMAGE... | --older-than 30d [--dry-run]
+    dioproxy client-config --docker|--podman|--containerd|--nginx|--systemd [--address mirror.example:8004]
+
+The cache commands read the directory directly (no proxy needed); with a proxy running on it they are safe: entries
+appear and disappear by rename/unlink only. After a purge or a repair, ``systemctl reload dioproxy`` (SIGHUP) has
+the proxy re-read the directory at once instead of at its hourly rescan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import quote
+
+from dioproxy import __version__, snippets
+from dioproxy.cachedir import BLOB, MANIFEST, entry_path, last_use, read_manifest, references, scan, tags
+from dioproxy.config import ConfigError, load_config, parse_duration
+from dioproxy.names import check_digest, check_name, check_reference, looks_like_host
+
+CHUNK = 1024 * 1024
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+INDEX_TYPES = {MANIFEST_TYPES[0], MANIFEST_TYPES[2]}
+
+
+class AdminError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+# -- image references ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    registry: str
+    name: str
+    reference: str  # tag or digest; None-free: "latest" by default
+
+    def __str__(self) -> str:
+        sep = "@" if ":" in self.reference else ":"
+        return f"{self.registry}/{self.name}{sep}{self.reference}"
+
+
+def parse_image(text: str, default_tag: str | None = "latest") -> ImageRef:
+    """``[registry/]name[:tag][@digest]``, as ``docker pull`` reads it (``alpine`` is ``docker.io/library/alpine``)."""
+    rest, _, digest = text.partition("@")
+    first, sep, remainder = rest.partition("/")
+    if sep and (looks_like_host(first) or first == "localhost"):
+        registry, rest = first, remainder
+    else:
+        registry = "docker.io"
+    name, reference = rest, default_tag
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        name, reference = name[:colon], name[colon + 1 :]
+    if digest:
+        reference = digest
+    if registry == "docker.io" and "/" not in name:
+        name = "library/" + name
+    try:
+        check_name(name)
+        if reference is not None:
+            check_reference(reference)
+    except Exception as e:
+        raise AdminError(f"{text!r} is not an image reference ({getattr(e, 'message', e)})") from None
+    return ImageRef(registry, name, reference or "")
+
+
+# -- prefetch ------------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on a terminal; a line per finished blob otherwise."""
+
+    def __init__(self, out: IO[str], total: int, blobs: int, quiet: bool = False) -> None:
+        self.out, self.total, self.blobs, self.quiet = out, total, blobs, quiet
+        self.done = self.blobs_done = 0
+        self.lock = threading.Lock()
+        self.tty = hasattr(out, "isatty") and out.isatty()
+        self.started = time.monotonic()
+        self._last = 0.0
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            now = time.monotonic()
+            if self.tty and not self.quiet and now - self._last > 0.1:
+                self._last = now
+                self._draw()
+
+    def blob_done(self, digest: str, size: int) -> None:
+        with self.lock:
+            self.blobs_done += 1
+            if self.quiet:
+                return
+            if self.tty:
+                self._draw()
+            else:
+                self.out.write(f"  {digest[:19]} {human(size):>9}  [{self.blobs_done}/{self.blobs}]\n")
+                self.out.flush()
+
+    def _draw(self) -> None:
+        fraction = self.done / self.total if self.total else 1.0
+        width = 30
+        bar = "#" * int(fraction * width) + "." * (width - int(fraction * width))
+        rate = self.done / max(1e-6, time.monotonic() - self.started)
+        self.out.write(
+            f"\r[{bar}] {fraction * 100:5.1f}% {human(self.done)}/{human(self.total)} "
+            f"{self.blobs_done}/{self.blobs} blobs {human(rate)}/s "
+        )
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.tty and not self.quiet:
+            self._draw()
+            self.out.write("\n")
+            self.out.flush()
+
+
+class ProxyClient:
+    """Blocking HTTP to a running proxy, routed with ``ns=`` (every registry the proxy mirrors works)."""
+
+    def __init__(self, base: str, timeout: float = 60.0) -> None:
+        self.base = base.rstrip("/")
+        self.timeout = timeout
+
+    def url(self, image: ImageRef, kind: str, reference: str) -> str:
+        return f"{self.base}/v2/{image.name}/{kind}/{quote(reference)}?ns={quote(image.registry)}"
+
+    def open(self, url: str, headers: dict[str, str] | None = None) -> Any:
+        request = urllib.request.Request(url, headers=headers or {})
+        try:
+            return urllib.request.urlopen(request, timeout=self.timeout)
+        except urllib.error.HTTPError as e:
+            detail = e.read(2000).decode("utf-8", "replace")
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                detail = json.loads(detail)["errors"][0]["message"]
+            raise AdminError(f"{url}: HTTP {e.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise AdminError(f"{url}: {getattr(e, 'reason', e)}") from None
+
+    def manifest(self, image: ImageRef, reference: str) -> tuple[str, str, bytes]:
+        with self.open(self.url(image, "manifests", reference), {"Accept": ", ".join(MANIFEST_TYPES)}) as response:
+            body = response.read(8 * 1024 * 1024)
+            media_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
+            digest = response.headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(body).hexdigest()
+        if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+            raise AdminError(f"{image}: the manifest does not match its digest {digest}")
+        return digest, media_type or json.loads(body).get("mediaType", ""), body
+
+    def blob(self, image: ImageRef, digest: str, progress: Progress) -> int:
+        sha = hashlib.sha256()
+        size = 0
+        with self.open(self.url(image, "blobs", digest)) as response:
+            while True:
+                data = response.read(CHUNK)
+                if not data:
+                    break
+                sha.update(data)
+                size += len(data)
+                progress.add(len(data))
+        if "sha256:" + sha.hexdigest() != digest:
+            raise AdminError(f"{image}: blob {digest} arrived damaged")
+        return size
+
+
+def _platform(entry: dict) -> str:
+    p = entry.get("platform") or {}
+    text = f"{p.get('os', '?')}/{p.get('architecture', '?')}"
+    return text + (f"/{p['variant']}" if p.get("variant") else "")
+
+
+def _wanted(platform: str, wanted: list[str]) -> bool:
+    return not wanted or any(platform == w or platform.startswith(w + "/") for w in wanted)
+
+
+def prefetch(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    client = ProxyClient(args.proxy, args.timeout)
+    failed = 0
+    for text in args.images:
+        try:
+            image = parse_image(text)
+            digest, media_type, body = client.manifest(image, image.reference)
+            manifests = [(digest, media_type, body, None)]
+            if media_type in INDEX_TYPES:
+                manifests = []
+                entries = json.loads(body).get("manifests", [])
+                for entry in entries:
+                    platform = _platform(entry)
+                    if _wanted(platform, args.platform):
+                        child = client.manifest(image, entry["digest"])
+                        manifests.append((*child, platform))
+                if not manifests:
+                    available = ", ".join(sorted({_platform(e) for e in entries}))
+                    raise AdminError(f"{image}: no manifest for {', '.join(args.platform)} (has: {available})")
+            blobs: dict[str, int] = {}
+            for _, _, manifest_body, _ in manifests:
+                doc = json.loads(manifest_body)
+                for descriptor in [doc.get("config") or {}, *(doc.get("layers") or [])]:
+                    if isinstance(descriptor.get("digest"), str):
+                        blobs[check_digest(descriptor["digest"])] = int(descriptor.get("size") or 0)
+            platforms = [p for *_, p in manifests if p]
+            out.write(
+                f"{image}: {digest}"
+                + (f", {len(platforms)} platform(s): {', '.join(platforms)}" if platforms else "")
+                + f", {len(blobs)} blobs, {human(sum(blobs.values()))}\n"
+            )
+            out.flush()
+            progress = Progress(err if args.progress_to_stderr else out, sum(blobs.values()), len(blobs), args.quiet)
+
+            def fetch(item: tuple[str, int], image: ImageRef = image, progress: Progress = progress) -> None:
+                size = client.blob(image, item[0], progress)
+                progress.blob_done(item[0], size)
+
+            with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+                for result in [pool.submit(fetch, item) for item in blobs.items()]:
+                    result.result()
+            progress.finish()
+        except AdminError as e:
+            err.write(f"error: {e}\n")
+            failed += 1
+    return 1 if failed else 0
+
+
+# -- cache directory commands --------------------------------------------------------------------------------------
+
+
+def cache_root(args: argparse.Namespace) -> str:
+    if args.cache_dir:
+        root = args.cache_dir
+    else:
+        try:
+            root = load_config(args.config).cache_dir if args.config else "./data"
+        except ConfigError as e:
+            raise AdminError(str(e)) from None
+    root = os.path.abspath(root)
+    if not os.path.isdir(os.path.join(root, "blobs")) and not os.path.isdir(os.path.join(root, "repos")):
+        raise AdminError(f"{root} is not a dioproxy cache directory (use --cache-dir or --config)")
+    return root
+
+
+@dataclass
+class ImageInfo:
+    tag: Any
+    manifests: list[str]
+    blobs: list[str]
+    platforms: list[str]
+
+
+def image_info(root: str, tag: Any) -> ImageInfo:
+    """What a tag's image holds in the cache: its manifests (index and children) and blobs."""
+    manifests, blobs, platforms = [], [], []
+    pending = [tag.entry.digest] if tag.entry else []
+    while pending:
+        digest = pending.pop()
+        if digest in manifests:
+            continue
+        manifests.append(digest)
+        found = read_manifest(root, digest)
+        if found is None:
+            continue
+        children, layer_blobs = references(found[1])
+        if children:
+            with contextlib.suppress(ValueError, AttributeError):
+                platforms += [_platform(e) for e in json.loads(found[1]).get("manifests", [])]
+        pending += children
+        blobs += [b for b in layer_blobs if b not in blobs]
+    return ImageInfo(tag, manifests, blobs, platforms)
+
+
+def _size(root: str, kind: str, digest: str) -> int:
+    try:
+        return os.stat(entry_path(root, kind, digest)).st_size
+    except (FileNotFoundError, NotADirectoryError, IndexError):
+        return 0
+
+
+def ls(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    root = cache_root(args)
+    used = last_use(root)
+    rows = []
+    for tag in tags(root):
+        info = image_info(root, tag)
+        size = sum(_size(root, BLOB, b) for b in info.blobs) + sum(_size(root, MANIFEST, m) for m in info.manifests)
+        cached = sum(1 for b in info.blobs if _size(root, BLOB, b))
+        times = [used[(MANIFEST, m)] for m in info.manifests if (MANIFEST, m) in used]
+        times += [used[(BLOB, b)] for b in info.blobs if (BLOB, b) in used]
+        rows.append(
+            {
+                "registry": tag.registry,
+                "repository": tag.name,
+                "tag": tag.tag,
+                "digest": tag.entry.digest if tag.entry else None,
+                "size": size,
+                "blobs_cached": cached,
+                "blobs": len(info.blobs),
+                "platforms": sorted(set(info.platforms)),
+                "last_use": max(times) if times else None,
+            }
+        )
+    if args.json:
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+        return 0
+    out.write(f"{'IMAGE':<50} {'DIGEST':<19} {'SIZE':>9} {'BLOBS':>7}  {'LAST USE':<16} PLATFORMS\n")
+    for row in sorted(rows, key=lambda r: (r["registry"], r["repository"], r["tag"])):
+        image = f"{row['registry']}/{row['repository']}:{row['tag']}"
+        digest = (row["digest"] or "unreadable")[:19]
+        out.write(
+            f"{image:<50} {digest:<19} {human(row['size']):>9} {row['blobs_cached']:>3}/{row['blobs']:<3}  "
+            f"{when(row['last_use']):<16} {','.join(row['platforms'])}\n"
+        )
+    return 0
+
+
+def stats(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    root = cache_root(args) if (args.cache_dir or args.config or not args.proxy) else None
+    if root:
+        entries = list(scan(root))
+        used = last_use(root)
+        by_kind = {kind: [e for e in entries if e.kind == kind] for kind in (BLOB, MANIFEST)}
+        all_tags = list(tags(root))
+        temp = os.listdir(os.path.join(root, "tmp")) if os.path.isdir(os.path.join(root, "tmp")) else []
+        out.write(f"cache directory   {root}\n")
+        for kind, items in by_kind.items():
+            out.write(f"{kind + 's':<17} {len(items):>8}  {human(sum(e.size for e in items)):>9}\n")
+        out.write(f"{'total':<17} {len(entries):>8}  {human(sum(e.size for e in entries)):>9}\n")
+        out.write(
+            f"tags              {len(all_tags):>8}  in {len({(t.registry, t.name) for t in all_tags})} repositories\n"
+        )
+        out.write(f"in progress       {len(temp):>8}  temp files (fills under way, or left by a crash)\n")
+        if used:
+            out.write(f"least recent use  {when(min(used.values()))}\nmost recent use   {when(max(used.values()))}\n")
+    if args.proxy:
+        try:
+            with urllib.request.urlopen(args.proxy.rstrip("/") + "/metrics", timeout=args.timeout) as response:
+                text = response.read().decode()
+        except (urllib.error.URLError, OSError) as e:
+            raise AdminError(f"{args.proxy}/metrics: {getattr(e, 'reason', e)}") from None
+        out.write(live_summary(text))
+    return 0
+
+
+def live_summary(text: str) -> str:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+    def total(name: str, **labels: str) -> float:
+        return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    cacheable = total("dioproxy_requests_total", endpoint="blobs") + total(
+        "dioproxy_requests_total", endpoint="manifests"
+    )
+    hits = total("dioproxy_requests_total", outcome="hit")
+    lines = [
+        "proxy (since its start)",
+        f"  requests          {total('dioproxy_requests_total'):>12.0f}",
+        f"  hit ratio         {hits / cacheable * 100 if cacheable else 0:>11.1f}%  (blobs and manifests)",
+        f"  sent from cache   {human(total('dioproxy_sent_bytes_total', outcome='hit')):>12}",
+        f"  fetched upstream  {human(total('dioproxy_upstream_bytes_total')):>12}",
+        f"  upstream errors   {total('dioproxy_upstream_errors_total'):>12.0f}",
+        f"  fills running     {total('dioproxy_fills_in_progress'):>12.0f}",
+        f"  cache size        {human(total('dioproxy_cache_size_bytes')):>12}"
+        + (
+            f" of {human(total('dioproxy_cache_max_size_bytes'))}"
+            if total("dioproxy_cache_max_size_bytes")
+            else " (unbounded)"
+        ),
+        f"  evictions         {total('dioproxy_evictions_total'):>12.0f}",
+    ]
+    for s in samples:
+        if s.name == "dioproxy_upstream_ratelimit_remaining":
+            lines.append(f"  rate limit left   {s.value:>12.0f}  {s.labels.get('registry')}")
+    return "\n".join(lines) + "\n"
+
+
+def verify(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    """Every blob and manifest against its digest, tag entries for readability; ``--repair`` removes the damaged."""
+    root = cache_root(args)
+    damaged: list[tuple[str, str]] = []
+    counts = {BLOB: 0, MANIFEST: 0}
+    checked_bytes = 0
+    for entry in scan(root):
+        try:
+            problem = _check_entry(entry)
+        except FileNotFoundError:
+            continue  # evicted or purged meanwhile
+        except OSError as e:
+            problem = f"unreadable: {e.strerror}"
+        counts[entry.kind] += 1
+        checked_bytes += entry.size
+        if problem:
+            damaged.append((entry.path, f"{entry.kind} {entry.digest}: {problem}"))
+    tag_count = 0
+    for tag in tags(root):
+        tag_count += 1
+        if tag.entry is None:
+            damaged.append((tag.path, f"tag {tag.registry}/{tag.name}:{tag.tag}: unreadable entry"))
+        elif not _valid_digest(tag.entry.digest):
+            damaged.append((tag.path, f"tag {tag.registry}/{tag.name}:{tag.tag}: bad digest {tag.entry.digest!r}"))
+    for path, problem in damaged:
+        if args.repair:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            out.write(f"removed  {problem}\n")
+        else:
+            out.write(f"DAMAGED  {problem}\n")
+    out.write(
+        f"verified {counts[BLOB]} blobs ({human(checked_bytes)} with manifests), {counts[MANIFEST]} manifests, "
+        f"{tag_count} tags: {len(damaged)} damaged" + (", removed" if args.repair and damaged else "") + "\n"
+    )
+    if damaged and not args.repair:
+        out.write("run `dioproxy verify --repair` to remove them; they are fetched again on the next pull\n")
+        return 1
+    return 0
+
+
+def _valid_digest(digest: Any) -> bool:
+    try:
+        check_digest(digest)
+    except Exception:
+        return False
+    return True
+
+
+def _check_entry(entry: Any) -> str | None:
+    sha = hashlib.sha256()
+    with open(entry.path, "rb") as f:
+        if entry.kind == MANIFEST:
+            data = f.read()
+            media_type, newline, body = data.partition(b"\n")
+            if not newline or not media_type:
+                return "not a manifest entry (no media type line)"
+            sha.update(body)
+        else:
+            while True:
+                data = f.read(CHUNK)
+                if not data:
+                    break
+                sha.update(data)
+    got = "sha256:" + sha.hexdigest()
+    return None if got == entry.digest else f"content has digest {got}"
+
+
+def purge(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    root = cache_root(args)
+    if not args.images and args.older_than is None:
+        raise AdminError("purge what? name images (alpine:3.19, ghcr.io/owner/img) or give --older-than")
+    all_tags = list(tags(root))
+    doomed_tags = []
+    for text in args.images:
+        image = parse_image(text, default_tag=None)
+        matched = [
+            t
+            for t in all_tags
+            if t.registry == image.registry
+            and t.name == image.name
+            and (not image.reference or t.tag == image.reference)
+        ]
+        if not matched:
+            err.write(f"warning: nothing cached for {text}\n")
+        doomed_tags += matched
+    doomed: set[tuple[str, str]] = set()
+    kept_tags = [t for t in all_tags if t not in doomed_tags]
+    if doomed_tags:
+        keep = _referenced(root, kept_tags)
+        for tag in doomed_tags:
+            info = image_info(root, tag)
+            doomed |= {(MANIFEST, m) for m in info.manifests} | {(BLOB, b) for b in info.blobs}
+        doomed -= keep
+    if args.older_than is not None:
+        cutoff = time.time() - args.older_than
+        doomed |= {key for key, t in last_use(root).items() if t < cutoff}
+        # Tags whose manifest goes too.
+        doomed_tags += [t for t in kept_tags if t.entry and (MANIFEST, t.entry.digest) in doomed]
+    freed = 0
+    verb = "would remove" if args.dry_run else "removed"
+    for kind, digest in sorted(doomed):
+        path = entry_path(root, kind, digest)
+        size = _size(root, kind, digest)
+        if not size and not os.path.exists(path):
+            continue
+        if not args.dry_run:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        freed += size
+        if args.verbose:
+            out.write(f"{verb} {kind} {digest} ({human(size)})\n")
+    for tag in doomed_tags:
+        if not args.dry_run:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tag.path)
+        out.write(f"{verb} tag {tag.registry}/{tag.name}:{tag.tag}\n")
+    out.write(f"{verb} {len(doomed)} entries, {human(freed)}\n")
+    if not args.dry_run and (doomed or doomed_tags):
+        out.write("a running proxy re-reads the directory on `systemctl reload dioproxy` (SIGHUP) or within the hour\n")
+    return 0
+
+
+def _referenced(root: str, kept: Iterable[Any]) -> set[tuple[str, str]]:
+    keep: set[tuple[str, str]] = set()
+    for tag in kept:
+        info = image_info(root, tag)
+        keep |= {(MANIFEST, m) for m in info.manifests} | {(BLOB, b) for b in info.blobs}
+    return keep
+
+
+# -- client-config -------------------------------------------------------------------------------------------------
+
+
+def client_config(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    address = args.address or f"{socket.getfqdn()}:8004"
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise AdminError(f"--address: expected HOST:PORT, got {address!r}")
+    chosen = [k for k in ("docker", "podman", "containerd", "nginx", "systemd") if getattr(args, k)] or ["docker"]
+    if args.all:
+        chosen = ["docker", "podman", "containerd", "nginx", "systemd"]
+    registries = args.registry or ["docker.io", "ghcr.io"]
+    parts = []
+    if "docker" in chosen:
+        parts.append(
+            ("/etc/docker/daemon.json (then: systemctl reload docker)", snippets.render_docker_daemon_json(address))
+        )
+    if "podman" in chosen:
+        others = [r for r in registries if r != "docker.io"]
+        parts.append(
+            ("/etc/containers/registries.conf.d/dioproxy.conf", snippets.podman_registries_conf(address, others))
+        )
+    if "containerd" in chosen:
+        for registry in registries:
+            parts.append(
+                (f"/etc/containerd/certs.d/{registry}/hosts.toml", snippets.containerd_hosts_toml(address, registry))
+            )
+        parts.append(("/etc/containerd/certs.d/_default/hosts.toml", snippets.containerd_hosts_toml(address, None)))
+    if "nginx" in chosen:
+        parts.append(
+            (
+                "/etc/nginx/sites-available/dioproxy",
+                snippets.nginx_site_conf(args.listen, args.server_name or host, f"127.0.0.1:{port}"),
+            )
+        )
+    if "systemd" in chosen:
+        twistd = args.twistd or os.path.join(os.path.dirname(sys.executable), "twistd")
+        argv = snippets.proxy_argv(
+            [twistd], int(port), args.interface, args.cache_dir or "/var/cache/dioproxy", config=args.config_path
+        )
+        parts.append(("/etc/systemd/system/dioproxy.service", snippets.systemd_unit(argv)))
+    for i, (where, text) in enumerate(parts):
+        if len(parts) > 1 or args.headers:
+            out.write(("\n" if i else "") + f"# ==> {where}\n")
+        out.write(text)
+    return 0
+
+
+# -- helpers and main ----------------------------------------------------------------------------------------------
+
+
+def human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text, "--older-than")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="dioproxy", description=__doc__.split("\n\n")[0])
+    top.add_argument("--version", action="version", version=f"dioproxy {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cache_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cache-dir", "-d", help="the cache directory (default: cache.dir from --config, or ./data)")
+        p.add_argument("--config", "-c", help="the proxy's YAML configuration, for its cache.dir")
+
+    p = sub.add_parser("prefetch", help="warm the cache: pull images through a running proxy")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="alpine:3.19, ghcr.io/owner/img:tag, name@sha256:...")
+    p.add_argument("--proxy", default="http://127.0.0.1:8004", help="the proxy's URL (default: %(default)s)")
+    p.add_argument("--platform", action="append", default=[], help="os/arch[/variant]; repeatable (default: all)")
+    p.add_argument("--jobs", "-j", type=int, default=4, help="blobs fetched at once (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before giving up")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=prefetch, progress_to_stderr=True)
+
+    p = sub.add_parser("ls", help="cached images: tags, digests, sizes, last use")
+    cache_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=ls)
+
+    p = sub.add_parser("stats", help="what the cache holds; with --proxy, what the running proxy did")
+    cache_options(p)
+    p.add_argument("--proxy", help="also read a running proxy's /metrics (e.g. http://127.0.0.1:8004)")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=stats)
+
+    p = sub.add_parser("verify", help="check every cached blob and manifest against its digest")
+    cache_options(p)
+    p.add_argument("--repair", action="store_true", help="remove damaged entries (they are fetched again when pulled)")
+    p.set_defaults(func=verify)
+
+    p = sub.add_parser("purge", help="remove images, or entries not used for a while, from the cache")
+    cache_options(p)
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="repository (every tag) or repository:tag")
+    p.add_argument("--older-than", type=_duration, metavar="DURATION", help="entries not used for this long (30d)")
+    p.add_argument("--dry-run", "-n", action="store_true", help="say what would go, remove nothing")
+    p.add_argument("--verbose", "-v", action="store_true", help="list every entry")
+    p.set_defaults(func=purge)
+
+    p = sub.add_parser("client-config", help="print client configuration for this proxy")
+    for name, what in (
+        ("docker", "dockerd's daemon.json (registry-mirrors)"),
+        ("podman", "registries.conf for podman, buildah, skopeo"),
+        ("containerd", "hosts.toml files for containerd / Kubernetes"),
+        ("nginx", "an nginx site in front of the proxy"),
+        ("systemd", "the systemd unit of the proxy itself"),
+        ("all", "all of the above"),
+    ):
+        p.add_argument(f"--{name}", action="store_true", help=what)
+    p.add_argument("--address", "-a", help="HOST:PORT clients use to reach the proxy (default: this host's name:8004)")
+    p.add_argument("--registry", action="append", help="registries to mirror (default: docker.io and ghcr.io)")
+    p.add_argument("--server-name", help="nginx server_name (default: the address's host)")
+    p.add_argument("--listen", default="80", help="nginx listen (default: %(default)s)")
+    p.add_argument("--twistd", help="systemd: path of twistd (default: the one next to this Python)")
+    p.add_argument("--interface", default="0.0.0.0", help="systemd: address the proxy listens on")
+    p.add_argument("--cache-dir", help="systemd: cache directory (default: /var/cache/dioproxy)")
+    p.add_argument("--config", dest="config_path", default="/etc/dioproxy/config.yaml", help="systemd: config file")
+    p.add_argument("--headers", action="store_true", help="name the file even when printing only one")
+    p.set_defaults(func=client_config)
+    return top
+
+
+def main(argv: list[str] | None = None, out: IO[str] | None = None, err: IO[str] | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args, out, err)
+    except AdminError as e:
+        err.write(f"dioproxy {args.command}: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
