@@ -46,6 +46,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--proxy-arg", action="append", default=[], help="one more argument for the proxy, e.g. --proxy-arg=--workers=2"
     )
     parser.add_argument("--only", help="comma-separated scenarios to run, e.g. 1,3 (default: all)")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="sample dioproxy with py-spy during each measurement, into DIR"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (servers' logs) afterwards")
     return parser.parse_args(argv)
 
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         stage = set_stage(plan, scratch, upstream, servers, f"{args.proxy_command} {' '.join(args.proxy_arg)}")
+        stage.profile_dir = args.profile
         rows: list[Row] = []
         for key in wanted:
             say(f"scenario {key}: {SCENARIOS[key].__name__}")

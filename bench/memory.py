@@ -1,4 +1,4 @@
-"""Resident memory of a server: the sum of RSS over its whole process group, sampled from ``/proc``.
+"""Resident memory and CPU time of a server: sums over its whole process group, read from ``/proc``.
 
 A group, not a pid: nginx has workers, and a ``--workers N`` dioproxy will too; what a user pays for is all of them.
 Sampling runs in a thread of the bench process, which only reads ``/proc``; the server's own work is untouched.
@@ -11,25 +11,43 @@ import threading
 import time
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
 
 
-def group_rss(pgid: int) -> int:
-    """Bytes resident in every process of process group ``pgid`` right now."""
-    total = 0
+def _group(pgid: int) -> list[tuple[str, list[bytes]]]:
+    """(pid, stat fields after the command name) of every process in group ``pgid``."""
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
                 stat = f.read()
-            # Fields after the parenthesised command name: state ppid pgrp ...
-            if int(stat[stat.rindex(b")") + 2 :].split()[2]) != pgid:
-                continue
-            with open(f"/proc/{entry}/statm", "rb") as f:
+        except OSError:
+            continue  # the process ended while we looked
+        # Fields after the parenthesised command name: state ppid pgrp session tty tpgid flags minflt cminflt
+        # majflt cmajflt utime stime ...
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            found.append((entry, fields))
+    return found
+
+
+def group_rss(pgid: int) -> int:
+    """Bytes resident in every process of process group ``pgid`` right now."""
+    total = 0
+    for pid, _ in _group(pgid):
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
                 total += int(f.read().split()[1]) * PAGE
         except (OSError, ValueError, IndexError):
-            continue  # the process ended while we looked
+            continue
     return total
+
+
+def group_cpu(pgid: int) -> float:
+    """CPU seconds (user + system) the live processes of group ``pgid`` have used so far."""
+    return sum(int(fields[11]) + int(fields[12]) for _, fields in _group(pgid)) / TICK
 
 
 class Sampler:

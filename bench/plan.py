@@ -28,8 +28,10 @@ class Plan:
     slow_readers: int = 32
     slow_rate: int = 4 * MB
     slow_seconds: float = 15.0
-    #: Repetitions of the short measurements (single-stream throughput, warm pulls); the median is reported.
+    #: Repetitions of the short measurements (warm pulls); the median is reported.
     repeats: int = 3
+    #: Rounds of the warm-blob measurements (single stream; half as many of the parallel ones), servers in turn.
+    rounds: int = 6
     memory_target_mb: float = 150.0
 
     @property
@@ -49,4 +51,5 @@ QUICK = Plan(
     wrk_seconds=1.0,
     slow_seconds=2.0,
     repeats=1,
+    rounds=1,
 )

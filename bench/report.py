@@ -49,7 +49,7 @@ class Row:
 
 def number(value: float, unit: str) -> str:
     if unit == "s":
-        return f"{value:.2f}"
+        return f"{value:.3f}" if value < 0.1 else f"{value:.2f}"
     if value >= 100 or unit in ("GETs",):
         return f"{value:,.0f}"
     return f"{value:.1f}"

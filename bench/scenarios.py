@@ -7,16 +7,19 @@ cell's text (``error: …``) and the run goes on, so one broken anchor does not 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import clients
-from .memory import Sampler, group_rss
+from .memory import Sampler, group_cpu, group_rss
 from .plan import MB, Plan
+from .profile import Profiler, slug
 from .report import Cell, Row, ratio
 from .servers import CncfProxy, DioProxy, Nginx, Server
 from .upstream import (
@@ -49,18 +52,24 @@ class Stage:
     notes: list[str] = field(default_factory=list)
     #: Peak RSS of each proxy while scenario 3 ran; reported with scenario 4.
     cold_rss: dict[str, Cell] = field(default_factory=dict)
+    #: With ``--profile``: where py-spy's samples of dioproxy go, one file per measurement.
+    profile_dir: Path | None = None
 
     @property
     def proxies(self) -> tuple[Server, Server]:
         return (self.ours, self.cncf)
 
 
-def attempt(stage: Stage, server: Server, what: str, measure: Callable[[], float]) -> Cell:
-    """``measure()``, or the error text if it (or the server) failed."""
+def attempt(stage: Stage, server: Server, what: str, measure: Callable[[], float], profile: bool = True) -> Cell:
+    """``measure()``, or the error text if it (or the server) failed; with ``--profile``, dioproxy is sampled."""
     if server.name in stage.down:
         return f"{server.name} not running: {stage.down[server.name]}"
+    profiling: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if stage.profile_dir is not None and server is stage.ours and profile:
+        profiling = Profiler(server.pid, stage.profile_dir / f"{slug(what)}.raw")
     try:
-        value = measure()
+        with profiling:
+            value = measure()
     except Exception as e:
         say(f"{server.name}: {what}: FAILED {type(e).__name__}: {e}")
         return f"{type(e).__name__}: {e}"
@@ -86,21 +95,32 @@ def cached_manifest(stage: Stage) -> list[Row]:
     plan, path = stage.plan, f"/v2/{MANIFEST_REPOSITORY}/manifests/{MANIFEST_TAG}"
     headers = {"Accept": MANIFEST_ACCEPT}
 
-    def load(url: str) -> Callable[[], float]:
+    cpu: dict[str, float] = {}
+
+    def load(server: Server, url: str) -> Callable[[], float]:
         def measure() -> float:
             body = _get(url, headers)  # the first request fills the cache
             if body != stage.upstream.manifest:
                 raise RuntimeError(f"served {len(body)} bytes that are not the upstream's manifest")
+            before = group_cpu(server.pid)
             result = clients.wrk(url, plan.wrk_seconds, plan.wrk_connections, headers)
+            cpu[server.name] = (group_cpu(server.pid) - before) / max(result.requests, 1)
             if result.errors > result.requests / 100:
                 raise RuntimeError(f"{result.errors} of {result.requests} requests failed")
             return result.requests_per_second
 
         return measure
 
-    ours = attempt(stage, stage.ours, "cached tag req/s", load(stage.ours.url + path))
-    cncf = attempt(stage, stage.cncf, "cached tag req/s", load(stage.cncf.url + path))
-    nginx = attempt(stage, stage.nginx, "static file req/s", load(stage.nginx.url + "/manifests/benchhello"))
+    ours = attempt(stage, stage.ours, "cached tag req/s", load(stage.ours, stage.ours.url + path))
+    cncf = attempt(stage, stage.cncf, "cached tag req/s", load(stage.cncf, stage.cncf.url + path))
+    nginx = attempt(
+        stage, stage.nginx, "static file req/s", load(stage.nginx, stage.nginx.url + "/manifests/benchhello")
+    )
+    stage.notes.append(
+        "Scenario 1: CPU time per request: "
+        + ", ".join(f"{name} {seconds * 1e6:.0f} µs" for name, seconds in cpu.items())
+        + " (the CNCF proxy's includes its HEAD to the upstream, which the upstream's CPU is not counted for)."
+    )
     vs_cncf, vs_nginx = ratio(ours, cncf), ratio(ours, nginx)
     return [
         Row(
@@ -126,8 +146,14 @@ def _ratios(*pairs: tuple[float | None, str]) -> str:
 
 
 def warm_blob(stage: Stage) -> list[Row]:
-    """A cached 256 MB blob to curl: one stream (median of ``repeats``), then ``warm_streams`` at once."""
+    """A cached 256 MB blob to curl: one stream, then ``warm_streams`` at once; rounds interleave the servers.
+
+    On two shared cores one run of one server is at the mercy of whatever else runs that second, so each figure is
+    the median of ``rounds`` runs taken in turn (ours, CNCF, nginx, ours, …). The CPU time each server spent per
+    GB served, read from ``/proc``, goes into the notes: unlike MB/s it does not depend on how fast the client is.
+    """
     plan, blob = stage.plan, stage.upstream.blobs["warm"]
+    servers = (stage.ours, stage.cncf, stage.nginx)
     urls = {
         stage.ours.name: stage.ours.url + blob.url_path(),
         stage.cncf.name: stage.cncf.url + blob.url_path(),
@@ -136,28 +162,31 @@ def warm_blob(stage: Stage) -> list[Row]:
     for proxy in stage.proxies:  # the cold download that makes it warm (through the far link)
         attempt(stage, proxy, "priming the warm blob (s)", lambda u=urls[proxy.name]: _prime(u, blob.digest))
 
-    def single(url: str) -> Callable[[], float]:
-        def measure() -> float:
-            times = [clients.curl_streams(url, 1)[2][0] for _ in range(plan.repeats)]
-            return blob.size / statistics.median(times) / MB
-
-        return measure
-
-    def parallel(url: str) -> Callable[[], float]:
-        def measure() -> float:
-            wall, total, _ = clients.curl_streams(url, plan.warm_streams)
-            if total != blob.size * plan.warm_streams:
-                raise RuntimeError(f"got {total} bytes, not {plan.warm_streams} x {blob.size}")
-            return total / wall / MB
-
-        return measure
-
     rows = []
     size = f"{blob.size / MB:.0f} MB"
-    for label, how in (("1 stream", single), (f"{plan.warm_streams} streams", parallel)):
-        ours, cncf, nginx = (
-            attempt(stage, server, f"warm blob {label} MB/s", how(urls[server.name]))
-            for server in (stage.ours, stage.cncf, stage.nginx)
+    for streams in (1, plan.warm_streams):
+        label = "1 stream" if streams == 1 else f"{streams} streams"
+        runs: dict[str, list[Cell]] = {server.name: [] for server in servers}
+        cpu: dict[str, list[float]] = {server.name: [0.0, 0.0] for server in servers}  # seconds, bytes
+        for _ in range(plan.rounds if streams == 1 else max(1, plan.rounds // 2)):
+            for server in servers:
+
+                def measure(server: Server = server, streams: int = streams, cpu: dict = cpu) -> float:
+                    before = group_cpu(server.pid)
+                    wall, total, times = clients.curl_streams(urls[server.name], streams)
+                    cpu[server.name][0] += group_cpu(server.pid) - before
+                    cpu[server.name][1] += total
+                    if total != blob.size * streams:
+                        raise RuntimeError(f"got {total} bytes, not {streams} x {blob.size}")
+                    # One stream: curl's own clock, which leaves out starting the curl process.
+                    return total / (times[0] if streams == 1 else wall) / MB
+
+                runs[server.name].append(attempt(stage, server, f"warm blob {label} MB/s", measure))
+        ours, cncf, nginx = (_median(runs[server.name]) for server in servers)
+        stage.notes.append(
+            f"Scenario 2, {label}: CPU seconds per GB served: "
+            + ", ".join(f"{name} {c[0] / (c[1] / 1e9):.2f}" for name, c in cpu.items() if c[1])
+            + f" (summed over {len(runs[stage.ours.name])} runs each; the throughput above is their median)."
         )
         vs_nginx = ratio(ours, nginx)
         rows.append(
@@ -176,6 +205,14 @@ def warm_blob(stage: Stage) -> list[Row]:
     return rows
 
 
+def _median(cells: list[Cell]) -> Cell:
+    """The median of the runs that produced a number; the first error if none did."""
+    numbers = [c for c in cells if isinstance(c, (int, float))]
+    if numbers:
+        return statistics.median(numbers)
+    return next((c for c in cells if isinstance(c, str)), None)
+
+
 def _prime(url: str, digest: str) -> float:
     return clients.fetch(url, 1, digest).total
 
@@ -188,6 +225,7 @@ class Cold:
     ttfb: Cell = None
     total: Cell = None
     crowd: Cell = None
+    gets_one: Cell = None
     gets: Cell = None
 
 
@@ -199,7 +237,8 @@ def cold_blob(stage: Stage) -> list[Row]:
     for proxy in stage.proxies:
         result = results[proxy.name] = Cold()
         if proxy.name in stage.down:
-            result.ttfb = result.total = result.crowd = result.gets = f"not running: {stage.down[proxy.name]}"
+            result.ttfb = f"not running: {stage.down[proxy.name]}"
+            result.total = result.crowd = result.gets_one = result.gets = result.ttfb
             stage.cold_rss[proxy.name] = result.ttfb
             continue
         with Sampler(proxy.pid) as sampler:
@@ -210,8 +249,17 @@ def cold_blob(stage: Stage) -> list[Row]:
                 single["total"] = fetched.total
                 return fetched.ttfb
 
+            mark = upstream.log_offset()
             result.ttfb = attempt(stage, proxy, "cold blob, 1 client, first body byte (s)", first)
             result.total = single.get("total", result.ttfb)
+            time.sleep(0.5)  # the registry writes its access-log line after the response
+            result.gets_one = attempt(
+                stage,
+                proxy,
+                "upstream GETs for one client",
+                lambda mark=mark: upstream.blob_gets(mark, one.digest),
+                False,
+            )
             mark = upstream.log_offset()
             result.crowd = attempt(
                 stage,
@@ -219,9 +267,13 @@ def cold_blob(stage: Stage) -> list[Row]:
                 f"cold blob, {plan.cold_clients} clients, total (s)",
                 lambda proxy=proxy: clients.fetch(proxy.url + crowd.url_path(), plan.cold_clients, crowd.digest).wall,
             )
-            time.sleep(0.5)  # the registry writes its access-log line after the response
+            time.sleep(0.5)
             result.gets = attempt(
-                stage, proxy, "upstream GETs for the crowd", lambda mark=mark: upstream.blob_gets(mark, crowd.digest)
+                stage,
+                proxy,
+                "upstream GETs for the crowd",
+                lambda mark=mark: upstream.blob_gets(mark, crowd.digest),
+                False,
             )
         stage.cold_rss[proxy.name] = sampler.peak_mb
     ours, cncf = results[stage.ours.name], results[stage.cncf.name]
@@ -253,6 +305,18 @@ def cold_blob(stage: Stage) -> list[Row]:
             None,
             _ratios((ratio(ours.total, cncf.total), "CNCF"), (ratio(ours.total, plan.link_floor), "link floor")),
             "-",
+        ),
+        Row(
+            "3",
+            "cold blob, 1 client: upstream blob GETs",
+            "GETs",
+            ours.gets_one,
+            cncf.gets_one,
+            None,
+            "-",
+            "exactly 1",
+            None if _number(ours.gets_one) is None else ours.gets_one == 1,
+            target_value=1,
         ),
         Row(
             "3",

@@ -27,6 +27,7 @@ ROWS = [
     r"\| 2 \| warm \d+ MB blob, 8 streams",
     r"\| 3 \| cold \d+ MB blob, 1 client: first body byte",
     r"\| 3 \| cold \d+ MB blob, 1 client: total",
+    r"\| 3 \| cold blob, 1 client: upstream blob GETs",
     r"\| 3 \| cold \d+ MB blob, 16 clients: total",
     r"\| 3 \| cold blob, 16 clients: upstream blob GETs",
     r"\| 4 \| 32 readers at 4 MB/s",
