@@ -11,11 +11,14 @@ import contextlib
 import socket
 import ssl
 import time
+from collections import Counter
 
+from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
 
+from . import report
 from .base import ClientTestCase, assert_digest
-from .clients import Containerd, Dockerd, Nginx, Podman, Skopeo, verify_oci_layout
+from .clients import Containerd, Dockerd, Nginx, Podman, Skopeo, log_dir, verify_oci_layout
 from .world import Image
 
 
@@ -240,3 +243,40 @@ class PlainHttpPortTests(ClientTestCase):
 
         elapsed = await deferToThread(probe)
         self.assertLess(elapsed, 2.0, f"TLS handshake on the plain-HTTP port took {elapsed:.1f}s to fail")
+
+
+class ConcurrentClientsTests(ClientTestCase):
+    """Different clients pulling the same cold image at the same moment: the proxy fills each blob once."""
+
+    client = "concurrent"
+
+    async def test_three_clients_one_upstream_fetch_per_blob(self) -> None:
+        """containerd, podman (through nginx) and skopeo (through nginx) pull ``big:1.0`` together. Whatever
+        the interleaving, upstream sees at most one GET per blob (the 24 MiB layer included)."""
+        nginx = await self.start(Nginx(self.proxy.address))
+        ctr = await self.start(Containerd(self.proxy.address))
+        podman = await self.start(Podman(nginx.address))
+        skopeo = await self.start(Skopeo())
+        big = self.image("big")
+        ref = f"docker.io/{big.repository}:{big.tag}"
+        mark = await deferToThread(self.world.mark)
+        started = time.monotonic()
+        await gatherResults(
+            [
+                deferToThread(ctr.pull, ref),
+                deferToThread(podman.pull, ref),
+                deferToThread(skopeo.copy, f"{nginx.address}/{big.repository}:{big.tag}"),
+            ],
+            consumeErrors=True,
+        )
+        seconds = time.monotonic() - started
+        requests = await deferToThread(mark.requests)
+        blob_gets = Counter(r.uri for _, r in requests if r.kind == "blob" and r.method == "GET")
+        report.record(
+            report.Pull(self.client + " (3 clients)", ref, "cold", round(seconds, 3), await deferToThread(mark.since)),
+            log_dir(),
+        )
+        self.assertTrue(blob_gets, "no upstream blob request at all")
+        self.assertEqual(max(blob_gets.values()), 1, f"blobs fetched upstream more than once: {blob_gets}")
+        self.assertEqual(await deferToThread(ctr.digest, ref), big.digest)
+        await deferToThread(lambda: assert_digest(podman.repo_digests(ref), big, f"docker.io/{big.repository}"))
