@@ -602,7 +602,11 @@ def _duration(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="dioproxy", description=__doc__.split("\n\n")[0])
+    top = argparse.ArgumentParser(
+        prog="dioproxy",
+        description="Prefetch images through a running proxy; list, inspect, verify and purge the cache directory; "
+        "print client configuration for this proxy.",
+    )
     top.add_argument("--version", action="version", version=f"dioproxy {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
