@@ -108,7 +108,7 @@ def parse_size(value: Any, key: str) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a size, got {value!r}")
     if isinstance(value, (int, float)):
-        size = float(value)
+        size = value
     else:
         match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([kmgtKMGT])(i?)[bB]?|([bB]?))\s*", str(value))
         if not match:
@@ -118,6 +118,8 @@ def parse_size(value: Any, key: str) -> int:
         size = float(match.group(1)) * base
     if size < 0:
         raise ConfigError(f"{key}: must not be negative")
+    if size != size or size in (float("inf"), float("-inf")) or size > 2**63:
+        raise ConfigError(f"{key}: {str(value)[:40]!r} is not a usable size")
     return int(size)
 
 
@@ -210,6 +212,7 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
     if default not in upstreams:
         raise ConfigError(f"default_registry: {default!r} is not among the upstreams")
 
+    max_size, max_age = cache.get("max_size"), cache.get("max_age")
     timeouts = _mapping(data.get("timeouts"), "timeouts")
     _unknown(timeouts, _TIMEOUT_KEYS, "timeouts.")
 
@@ -222,8 +225,8 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
         cache_dir=directory,
         cache_enabled=enabled,
         tag_ttl=parse_duration(cache.get("tag_ttl", 300), "cache.tag_ttl"),
-        cache_max_size=parse_size(cache["max_size"], "cache.max_size") or None if cache.get("max_size") else None,
-        cache_max_age=parse_duration(cache["max_age"], "cache.max_age") or None if cache.get("max_age") else None,
+        cache_max_size=parse_size(max_size, "cache.max_size") or None if max_size is not None else None,
+        cache_max_age=parse_duration(max_age, "cache.max_age") or None if max_age is not None else None,
         default_registry=default,
         connect_timeout=parse_duration(timeouts.get("connect", 10), "timeouts.connect"),
         read_timeout=parse_duration(timeouts.get("read", 60), "timeouts.read"),

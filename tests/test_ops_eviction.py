@@ -352,3 +352,22 @@ class BoundUnderLoadTests(unittest.TestCase):
         yield task.deferLater(reactor, 0.1, lambda: None)
         self.assertFalse(os.path.exists(self.proxy.blob_file(layer)), "evictable once its reader is gone")
         self.assertLessEqual(disk_usage(self.proxy.cache_dir), self.bound)
+
+
+class SizeConfigTests(unittest.TestCase):
+    def test_sizes(self):
+        from dioproxy.config import ConfigError, build_config, parse_size
+
+        cases = {"50GB": 50 * 10**9, "20GiB": 20 * 2**30, "500M": 500 * 10**6, "1.5T": 15 * 10**11, "10 kB": 10**4}
+        cases.update({"1KiB": 1024, "4096": 4096, 123: 123, "7b": 7})
+        for text, size in cases.items():
+            self.assertEqual(parse_size(text, "cache.max_size"), size, text)
+        for bad in ("lots", "5XB", "-1", "1e9", True, [], {}, 10**400, float("inf"), "9" * 400):
+            self.assertRaises(ConfigError, parse_size, bad, "cache.max_size")
+        config = build_config({"cache": {"max_size": "4MB", "max_age": "30d"}})
+        self.assertEqual((config.cache_max_size, config.cache_max_age), (4 * 10**6, 30 * 86400))
+        unbounded = build_config({"cache": {"max_size": 0, "max_age": None}})
+        self.assertEqual((unbounded.cache_max_size, unbounded.cache_max_age), (None, None))
+        with self.assertRaises(ConfigError) as caught:
+            build_config({"cache": {"max_size": "much"}})
+        self.assertIn("cache.max_size", str(caught.exception))
