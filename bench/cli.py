@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[Server] = []
     upstream = Upstream(scratch)
     started = time.monotonic()
+    load = os.getloadavg()[0]
     try:
         stage = set_stage(plan, scratch, upstream, servers, f"{args.proxy_command} {' '.join(args.proxy_arg)}")
         stage.profile_dir = args.profile
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += SCENARIOS[key](stage)
         rows.sort(key=lambda row: row.scenario)
         elapsed = time.monotonic() - started
-        write_report(rows, stage, out, elapsed, args)
+        write_report(rows, stage, out, elapsed, args, load)
     finally:
         clients.kill_all()
         for server in reversed(servers):
@@ -146,7 +147,9 @@ def _cpu() -> str:
     return platform.processor() or "?"
 
 
-def write_report(rows: list[Row], stage: Stage, out: Path, elapsed: float, args: argparse.Namespace) -> None:
+def write_report(
+    rows: list[Row], stage: Stage, out: Path, elapsed: float, args: argparse.Namespace, load: float
+) -> None:
     plan = stage.plan
     table = markdown(rows)
     print(table, flush=True)
@@ -158,7 +161,9 @@ def write_report(rows: list[Row], stage: Stage, out: Path, elapsed: float, args:
     )
     sizes = (
         f"{'quick' if args.quick else 'full'} run in {elapsed:.0f} s: warm blob {plan.warm_blob / MB:.0f} MB, "
-        f"cold blobs {plan.cold_blob / MB:.0f} MB, far link {plan.link_rate / MB:.0f} MB/s, wrk {plan.wrk_seconds:g} s"
+        f"cold blobs {plan.cold_blob / MB:.0f} MB, far link {plan.link_rate / MB:.0f} MB/s, "
+        f"wrk {plan.wrk_seconds:g} s per server; 1-minute load average {load:.1f} when the run started "
+        "(other work on the same cores)"
     )
     notes = [f"- {note}" for note in stage.notes]
     if stage.down:

@@ -21,7 +21,9 @@ class Plan:
     image_layer_mib: int = 64
     #: The far upstream link, bytes per second in total (shared by every connection through one relay).
     link_rate: float = 50 * MB
-    wrk_seconds: float = 10.0
+    #: wrk's time per server, split into ``wrk_rounds`` runs taken in turn with the other servers.
+    wrk_seconds: float = 12.0
+    wrk_rounds: int = 3
     wrk_connections: int = 32
     warm_streams: int = 8
     cold_clients: int = 16
@@ -49,6 +51,7 @@ QUICK = Plan(
     image_layer_mib=1,
     link_rate=20 * MB,
     wrk_seconds=1.0,
+    wrk_rounds=1,
     slow_seconds=2.0,
     repeats=1,
     rounds=1,
