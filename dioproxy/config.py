@@ -6,6 +6,7 @@ A bad config is refused with a message naming the key, so a typo never becomes a
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,14 +90,14 @@ def parse_duration(value: Any, key: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a duration, got {value!r}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        seconds = float(value) if abs(value) < 1e15 else math.inf
     else:
         match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(value))
         if not match:
             raise ConfigError(f"{key}: expected a duration like 300, 90s, 5m or 2h, got {value!r}")
         seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    if seconds < 0:
-        raise ConfigError(f"{key}: must not be negative")
+    if not 0 <= seconds < 10**12:  # negative, NaN, or past any sensible lifetime
+        raise ConfigError(f"{key}: expected a duration between 0 and 10^12 seconds, got {value!r}")
     return seconds
 
 
@@ -195,7 +196,7 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
 
     hosts = {}
     for host, registry in _mapping(data.get("hosts"), "hosts").items():
-        if registry not in upstreams:
+        if not isinstance(registry, str) or registry not in upstreams:
             raise ConfigError(f"hosts.{host}: {registry!r} is not among the upstreams")
         hosts[str(host).lower()] = registry
 
