@@ -33,9 +33,10 @@ unit: venv
 test: venv system-deps lint
 	$(BIN)/trial tests
 
-bench: venv
+# make bench: the side-by-side benchmark (docs/performance.md); BENCH_ARGS=--quick for the short one.
+bench: venv system-deps
 	$(BIN)/pip install -q -e '.[test,bench]'
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) _trial_temp* *.egg-info

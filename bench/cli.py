@@ -59,6 +59,9 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.profile and not (shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy").exists()):
+        print("--profile needs py-spy: pip install py-spy", file=sys.stderr)
+        return 2
     plan = QUICK if args.quick else FULL
     out = args.out or (REPOSITORY / "bench" / "out" if args.quick else REPOSITORY / "docs")
     wanted = [s for s in SCENARIOS if not args.only or s in args.only.split(",")]
