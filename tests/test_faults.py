@@ -183,6 +183,12 @@ class KillTests(unittest.TestCase):
         bodies = yield defer.gatherResults([threads.deferToThread(_curl, port, d) for d in digests])
         self.assertEqual([sha(b) for b in bodies], digests)
         self.assertEqual(sorted(cached_entries_are_sound(cache)), sorted(digests))
+        verify = yield threads.deferToThread(
+            subprocess.run,
+            [sys.executable, "-m", "dioproxy.admin", "verify", "--cache-dir", cache],
+            cwd=ROOT, capture_output=True, text=True,
+        )
+        self.assertEqual(verify.returncode, 0, verify.stdout + verify.stderr)
 
 
 def _line_with(proc: subprocess.Popen, needle: str) -> str:
