@@ -25,8 +25,9 @@ setup(
         "bcrypt>=4",
     ],
     extras_require={
-        # cryptography signs the JWTs of the test world's token service (RS256, like Docker Hub's).
-        "test": ["hypothesis", "ruff", "cryptography"],
+        # cryptography signs the JWTs of the test world's token service (RS256, like Docker Hub's);
+        # matplotlib draws the benchmark's chart, whose smoke run is part of the suite.
+        "test": ["hypothesis", "ruff", "cryptography", "matplotlib"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["dioproxy = dioproxy.admin:main"]},

@@ -10,6 +10,8 @@ from twisted.web import http
 
 from dioproxy.errors import RegistryError
 
+_REASONS = {400: b"Bad Request", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+
 
 class MirrorChannel(http.HTTPChannel):
     #: Longest request line (method, URL, version); longer is 414 URI Too Long.
@@ -17,6 +19,18 @@ class MirrorChannel(http.HTTPChannel):
     #: Request line plus all headers; more is 431 Request Header Fields Too Large.
     totalHeadersSize = 32 * 1024
     maxHeaders = 200
+
+    _first_bytes = True
+
+    def dataReceived(self, data: bytes) -> None:
+        """A TLS ClientHello on this plain-HTTP port is refused at once: podman, skopeo and dockerd try HTTPS
+        first on an insecure registry and fall back to HTTP only when the handshake fails, so waiting for a
+        request line that never comes would cost every pull a 10 s handshake timeout."""
+        if self._first_bytes and data:
+            self._first_bytes = False
+            if data[:1] == b"\x16":
+                return self._refuse(400, "this port speaks plain HTTP, not TLS")
+        super().dataReceived(data)
 
     def _on_request_line(self) -> bool:
         return bool(self._HTTPChannel__first_line)
@@ -45,7 +59,7 @@ class MirrorChannel(http.HTTPChannel):
             return
         self._refused = True
         body = RegistryError(status, "UNSUPPORTED", message).body()
-        reason = http.RESPONSES.get(status, b"Error")
+        reason = _REASONS.get(status, b"Error")
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
             % (status, reason, len(body), body)

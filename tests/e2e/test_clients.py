@@ -218,10 +218,6 @@ class PlainHttpPortTests(ClientTestCase):
     """What an ``insecure`` registry's clients do before speaking plain HTTP."""
 
     client = "TLS probe"
-    todo = (
-        "the proxy leaves a TLS ClientHello on its plain-HTTP port unanswered: podman, skopeo and "
-        "`docker pull MIRROR/...` wait for Go's 10 s TLS handshake timeout on every pull (reported)"
-    )
 
     async def test_tls_client_hello_refused_at_once(self) -> None:
         """podman, skopeo and dockerd try HTTPS first on an insecure registry (``insecure = true``,
