@@ -46,8 +46,9 @@ def libtrust_key_id(public_key: rsa.RSAPublicKey) -> str:
 class TokenService:
     """Signs registry tokens; ``start()`` serves ``GET /token`` on a loopback port in a daemon thread."""
 
-    def __init__(self, directory: Path, token_lifetime: int = 300) -> None:
+    def __init__(self, directory: Path, log_path: Path, token_lifetime: int = 300) -> None:
         self.directory = directory
+        self.log_path = log_path
         self.token_lifetime = token_lifetime
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.key_id = libtrust_key_id(self.key.public_key())
@@ -142,7 +143,7 @@ class TokenService:
                 self.wfile.write(body)
 
             def log_message(self, format: str, *args: object) -> None:
-                with open(service.directory / "token-service.log", "a") as log:
+                with open(service.log_path, "a") as log:
                     log.write(f"{self.address_string()} {format % args}\n")
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -21,6 +21,7 @@ counts are what a real upstream saw, not what the proxy believes it asked.
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -62,7 +63,7 @@ class Request:
 class Registry:
     """One CNCF registry (``docker-registry serve``) with token auth and filesystem storage."""
 
-    def __init__(self, name: str, service: str, directory: Path, token_url: str, cert: Path) -> None:
+    def __init__(self, name: str, service: str, directory: Path, token_url: str, cert: Path, logs: Path) -> None:
         self.name = name
         self.service = service
         self.directory = directory
@@ -91,7 +92,7 @@ class Registry:
         self.daemon = Daemon(
             f"registry {name}",
             [tool("/usr/bin/docker-registry"), "serve", str(self.config_path)],
-            directory / "registry.log",
+            logs / f"registry-{name}.log",
         )
 
     @property
@@ -167,9 +168,10 @@ class Image:
 class World:
     """Token service + two registries + seeded images, under one temporary directory."""
 
-    def __init__(self, base: Path | None = None) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="dioproxy-e2e-world-", dir=base))
-        self.tokens = TokenService(self.base)
+    def __init__(self, logs: Path) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="dioproxy-e2e-world-"))
+        self.logs = logs
+        self.tokens = TokenService(self.base, logs / "token-service.log")
         self.registries: dict[str, Registry] = {}
         self.images: dict[str, Image] = {}
 
@@ -177,15 +179,19 @@ class World:
         token_port = self.tokens.start()
         token_url = f"http://127.0.0.1:{token_port}/token"
         for name, service in (("docker.io", "registry.docker.io"), ("ghcr.io", "ghcr.io")):
-            self.registries[name] = Registry(name, service, self.base / name, token_url, self.tokens.cert_path)
+            self.registries[name] = Registry(
+                name, service, self.base / name, token_url, self.tokens.cert_path, self.logs
+            )
         for registry in self.registries.values():
             registry.start()
         self._seed()
 
     def stop(self) -> None:
+        """Stops everything and removes the storage (the logs stay in ``logs``)."""
         for registry in self.registries.values():
             registry.stop()
         self.tokens.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
 
     def stop_upstreams(self) -> None:
         for registry in self.registries.values():
@@ -264,7 +270,9 @@ def get_world() -> World:
     with _world_lock:
         if _world is None:
             ensure_tools()
-            world = World()
+            logs = Path.cwd() / "e2e-logs"
+            logs.mkdir(exist_ok=True)
+            world = World(logs)
             try:
                 world.start()
             except BaseException:
