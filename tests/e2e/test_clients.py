@@ -256,6 +256,7 @@ class ConcurrentClientsTests(ClientTestCase):
         big = self.image("big")
         ref = f"docker.io/{big.repository}:{big.tag}"
         mark = await deferToThread(self.world.mark)
+        proxy_before = len(await deferToThread(self.proxy.requests))
         started = time.monotonic()
         await gatherResults(
             [
@@ -269,7 +270,14 @@ class ConcurrentClientsTests(ClientTestCase):
         requests = await deferToThread(mark.requests)
         blob_gets = Counter(r.uri for _, r in requests if r.kind == "blob" and r.method == "GET")
         report.record(
-            report.Pull(self.client + " (3 clients)", ref, "cold", round(seconds, 3), await deferToThread(mark.since)),
+            report.Pull(
+                self.client + " (3 clients)",
+                ref,
+                "cold",
+                round(seconds, 3),
+                await deferToThread(mark.since),
+                len(await deferToThread(self.proxy.requests)) - proxy_before,
+            ),
             log_dir(),
         )
         self.assertTrue(blob_gets, "no upstream blob request at all")
