@@ -27,8 +27,14 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The fast suite: everything but the real-client end-to-end tests.
+UNIT = $(patsubst %.py,%,$(subst /,.,$(wildcard tests/test_*.py)))
+
 unit: venv
-	$(BIN)/trial tests
+	$(BIN)/trial $(UNIT)
+
+e2e: venv system-deps
+	$(BIN)/trial tests.e2e
 
 test: venv system-deps lint
 	$(BIN)/trial tests
