@@ -27,7 +27,7 @@ from dioproxy.metrics import MetricsPage
 from dioproxy.mirror import Mirror
 from dioproxy.names import check_digest, check_reference
 from dioproxy.routing import Target
-from dioproxy.streaming import FileStreamer, UpstreamPipe, parse_range
+from dioproxy.streaming import UpstreamPipe, parse_range, stream_file
 from dioproxy.upstream import discard, header, read_limited
 
 log = Logger()
@@ -249,7 +249,7 @@ class Blobs(Endpoint):
             request.setHeader("Content-Length", str(end - start))
         if head:
             return _finish_quietly(request, source)
-        FileStreamer(request, source, start, end, fill).start()
+        stream_file(request, source, start, end, fill)
 
     async def _pass_through(self, request: server.Request, target: Target, digest: str, head: bool) -> None:
         """No cache: the upstream body producer is piped straight into the request, backpressure included.

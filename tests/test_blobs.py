@@ -199,6 +199,24 @@ class BlobTests(unittest.TestCase):
         self.assertEqual(sha(received.split(b"\r\n\r\n", 1)[1]), digest)
 
     @defer.inlineCallbacks
+    def test_cached_blob_goes_by_sendfile_at_a_slow_readers_pace(self):
+        data = os.urandom(24 * MB)
+        digest = self.fake.add_blob(data)
+        yield (yield self.proxy.get(f"/v2/library/hello/blobs/{digest}")).content()
+        calls = []
+        real = os.sendfile
+        self.patch(os, "sendfile", lambda *a: calls.append(a[3]) or real(*a))
+        sock = socket.create_connection(("127.0.0.1", self.proxy.port.getHost().port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        self.addCleanup(sock.close)
+        sock.sendall(f"GET /v2/library/hello/blobs/{digest} HTTP/1.1\r\nHost: x\r\nRange: bytes=1-\r\n\r\n".encode())
+        received = yield threads.deferToThread(_read_slowly, sock, len(data) - 1)
+        head, _, body = received.partition(b"\r\n\r\n")
+        self.assertIn(b"206", head.split(b"\r\n")[0])
+        self.assertEqual(body, data[1:])
+        self.assertGreater(len(calls), 3, "sendfile was used, and paused for the slow reader")
+
+    @defer.inlineCallbacks
     def test_client_gone_fill_goes_on(self):
         gate = self.fake.gate_blob(self.digest)
         d = self.proxy.get(self.path)
@@ -211,6 +229,27 @@ class BlobTests(unittest.TestCase):
                 break
             yield task.deferLater(reactor, 0.05, lambda: None)
         self.assertTrue(os.path.exists(self.proxy.blob_file(self.digest)))
+
+
+def _read_slowly(sock: socket.socket, size: int) -> bytes:
+    """Reads in small bites with pauses, so the server's socket buffer fills and it must wait for us."""
+    import time
+
+    sock.settimeout(20)
+    chunks, total = [], 0
+    while total < size + 100:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if len(chunks) % 50 == 0:
+            time.sleep(0.01)  # in a thread, not on the reactor
+        if total >= size and b"\r\n\r\n" in b"".join(chunks[:2]):
+            head_len = b"".join(chunks[:2]).index(b"\r\n\r\n") + 4
+            if total - head_len >= size:
+                break
+    return b"".join(chunks)
 
 
 def _read_all(sock: socket.socket, size: int) -> bytes:

@@ -3,6 +3,7 @@
 import base64
 import contextlib
 import json
+import os
 import socket
 
 import bcrypt
@@ -306,27 +307,23 @@ class TLSTests(unittest.TestCase):
     def test_https_with_modern_protocols_only(self):
         key, cert = self.mktemp(), self.mktemp()
         yield threads.deferToThread(_self_signed, key, cert)
+        fake = start_upstream(self)
+        data = os.urandom(3 << 20)
+        digest = fake.add_blob(data)
         options = Options()
+        listen = ["--port", "0", "--interface", "127.0.0.1", "--cache-dir", self.mktemp()]
         options.parseOptions(
-            [
-                "--port",
-                "0",
-                "--interface",
-                "127.0.0.1",
-                "--cache-dir",
-                self.mktemp(),
-                "--tls-cert",
-                cert,
-                "--tls-key",
-                key,
-            ]
+            [*listen, "--tls-cert", cert, "--tls-key", key, "--upstream", f"docker.io={fake.registry_url}"]
         )
         service = makeService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)
         port = service.services[0]._port.getHost().port
-        status = yield threads.deferToThread(_https_get, port, "/v2/")
+        status, _ = yield threads.deferToThread(_https_get, port, "/v2/")
         self.assertEqual(status, 200)
+        for _ in ("cold", "cached"):  # the growing-file producer, then the complete-file one (no sendfile in TLS)
+            status, body = yield threads.deferToThread(_https_get, port, f"/v2/library/x/blobs/{digest}")
+            self.assertEqual((status, body == data), (200, True))
         old = yield threads.deferToThread(_handshake, port, "TLSv1.1")
         self.assertFalse(old, "TLS 1.1 must be refused")
         modern = yield threads.deferToThread(_handshake, port, "TLSv1.2")
@@ -340,7 +337,8 @@ def _https_get(port, path):
     connection = http.client.HTTPSConnection("127.0.0.1", port, context=stdlib_ssl._create_unverified_context())
     try:
         connection.request("GET", path)
-        return connection.getresponse().status
+        response = connection.getresponse()
+        return response.status, response.read()
     finally:
         connection.close()
 
