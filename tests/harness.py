@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import http.client
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from typing import Any
 
 import treq
@@ -15,6 +20,8 @@ from dioproxy.mirror import Mirror
 from dioproxy.resources import Root
 from dioproxy.site import MirrorSite
 from tests.fakeregistry import FakeRegistry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Proxy:
@@ -67,3 +74,51 @@ def start_upstream(testcase: Any, **kwargs: Any) -> FakeRegistry:
     fake = FakeRegistry(**kwargs).start()
     testcase.addCleanup(fake.stop)
     return fake
+
+
+class ProxyProcess:
+    """A real ``twistd dioproxy`` child process on a free loopback port, for tests that kill or soak it.
+
+    Its log goes to ``log_path``, so no pipe can fill up and stall it.
+    """
+
+    def __init__(self, testcase: Any, cache_dir: str, upstream_url: str, *extra: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log_path = os.path.abspath(testcase.mktemp())
+        argv = [sys.executable, "-m", "twisted", "--log-format", "text", "dioproxy", "--port", str(self.port)]
+        argv += ["--interface", "127.0.0.1", "--cache-dir", cache_dir, "--upstream", f"docker.io={upstream_url}"]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen([*argv, *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        testcase.addCleanup(self.kill)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def listening(self) -> defer.Deferred:
+        """Fires once the port accepts connections; fails with the log if the process died first."""
+
+        def wait() -> None:
+            for _ in range(400):
+                if self.process.poll() is not None:
+                    with open(self.log_path, errors="replace") as f:
+                        raise AssertionError("the proxy exited: " + f.read()[-2000:])
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    return
+                except OSError:
+                    time.sleep(0.05)  # in a thread, never on the reactor
+            raise AssertionError("the proxy did not start listening")
+
+        return threads.deferToThread(wait)
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

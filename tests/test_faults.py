@@ -3,7 +3,6 @@
 import errno
 import hashlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,10 +13,9 @@ from twisted.trial import unittest
 from twisted.web.client import ResponseFailed
 
 from dioproxy import fill as fill_module
-from tests.harness import Proxy, start_upstream
+from tests.harness import ROOT, Proxy, ProxyProcess, start_upstream
 
 MB = 1024 * 1024
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sha(data: bytes) -> str:
@@ -125,35 +123,6 @@ class KillTests(unittest.TestCase):
 
     timeout = 120
 
-    def start(self, cache: str, upstream: str) -> tuple[subprocess.Popen, int]:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "twisted",
-                "dioproxy",
-                "--port",
-                "0",
-                "--interface",
-                "127.0.0.1",
-                "--cache-dir",
-                cache,
-                "--upstream",
-                f"docker.io={upstream}",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        return proc
-
-    @defer.inlineCallbacks
-    def wait_port(self, proc):
-        """The port the child listens on, read from its log line ``MirrorSite starting on N``."""
-        line = yield threads.deferToThread(_line_with, proc, "starting on")
-        defer.returnValue(int(re.search(r"starting on (\d+)", line).group(1)))
-
     @defer.inlineCallbacks
     def test_sigkill_during_fills(self):
         fake = start_upstream(self)
@@ -162,23 +131,21 @@ class KillTests(unittest.TestCase):
         fake.slow(2 * MB)  # each fill takes about two seconds
         cache = os.path.join(os.path.abspath(self.mktemp()), "cache")
         os.makedirs(cache)
-        proc = self.start(cache, fake.registry_url)
-        self.addCleanup(_kill, proc)
-        port = yield self.wait_port(proc)
-        readers = [threads.deferToThread(_curl, port, d) for d in digests]
+        first = ProxyProcess(self, cache, fake.registry_url)
+        yield first.listening()
+        readers = [threads.deferToThread(_curl, first.port, d) for d in digests]
         yield fake.wait_for_requests(4, "cdn", "GET", timeout=10)
         yield task.deferLater(reactor, 0.8, lambda: None)
-        proc.send_signal(signal.SIGKILL)
-        yield threads.deferToThread(proc.wait)
+        yield threads.deferToThread(first.kill, signal.SIGKILL)
         yield defer.DeferredList(readers)
         leftovers = os.listdir(os.path.join(cache, "tmp"))
         self.assertTrue(leftovers, "the kill should have interrupted fills in progress")
         self.assertEqual(cached_entries_are_sound(cache), [])
 
         fake.slow(None)
-        again = self.start(cache, fake.registry_url)
-        self.addCleanup(_kill, again)
-        port = yield self.wait_port(again)
+        again = ProxyProcess(self, cache, fake.registry_url)
+        yield again.listening()
+        port = again.port
         self.assertEqual(os.listdir(os.path.join(cache, "tmp")), [], "leftovers are removed at start")
         bodies = yield defer.gatherResults([threads.deferToThread(_curl, port, d) for d in digests])
         self.assertEqual([sha(b) for b in bodies], digests)
@@ -186,16 +153,11 @@ class KillTests(unittest.TestCase):
         verify = yield threads.deferToThread(
             subprocess.run,
             [sys.executable, "-m", "dioproxy.admin", "verify", "--cache-dir", cache],
-            cwd=ROOT, capture_output=True, text=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
         self.assertEqual(verify.returncode, 0, verify.stdout + verify.stderr)
-
-
-def _line_with(proc: subprocess.Popen, needle: str) -> str:
-    for line in proc.stdout:
-        if needle in line:
-            return line
-    raise AssertionError(f"the proxy exited before saying {needle!r}")
 
 
 def _curl(port: int, digest: str) -> bytes:
@@ -206,11 +168,3 @@ def _curl(port: int, digest: str) -> bytes:
             return r.read()
     except Exception as e:  # the kill cuts these readers off; the test only cares about the cache
         return repr(e).encode()
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    if proc.stdout:
-        proc.stdout.close()

@@ -7,17 +7,14 @@ Good requests must all succeed; resident memory and open file descriptors must b
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from tests.harness import start_upstream
+from tests.harness import ROOT, ProxyProcess, start_upstream
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECONDS = float(os.environ.get("DIOPROXY_SOAK_SECONDS", "60"))
 CONNECTIONS = 500
 
@@ -39,33 +36,9 @@ class SoakTests(unittest.TestCase):
         cold_digests = [fake.add_blob(b) for b in cold]
         fake.ratelimit_remaining = fake.ratelimit_limit = 10**9
         cache = os.path.abspath(self.mktemp())
-        port = _free_port()
-        proxy = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "twisted",
-                "--log-level",
-                "warn",
-                "dioproxy",
-                "--port",
-                str(port),
-                "--interface",
-                "127.0.0.1",
-                "--cache-dir",
-                cache,
-                "--upstream",
-                f"docker.io={fake.registry_url}",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.addCleanup(_stop, proxy)
-        yield threads.deferToThread(_wait_listening, port, proxy)
-        drain = threads.deferToThread(proxy.stdout.read)  # keep the pipe empty
-        drain.addErrback(lambda _: None)
+        proxy = ProxyProcess(self, cache, fake.registry_url)
+        yield proxy.listening()
+        port = proxy.port
 
         plan = [("GET", "/v2/library/soak/manifests/1.0", 200, len(image.body))] * 4
         plan += [("HEAD", "/v2/library/soak/manifests/1.0", 200, -1)] * 2
@@ -126,31 +99,3 @@ class SoakTests(unittest.TestCase):
         # What may stay open: the upstream connection pool (registry, token service, CDN: 16 each at most).
         self.assertLessEqual(end[1], idle[1] + 3 * 16, "file descriptors leaked: " + report)
         self.assertEqual(fake.count("cdn", "GET", cold_digests[0]), 1, "one upstream fill per cold blob")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(port: int, proc: subprocess.Popen) -> None:
-    for _ in range(200):
-        if proc.poll() is not None:
-            raise AssertionError("the proxy exited: " + proc.stdout.read()[-2000:])
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)  # in a thread, not on the reactor
-    raise AssertionError("the proxy did not start listening")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
