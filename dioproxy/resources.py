@@ -195,7 +195,6 @@ class Blobs(Endpoint):
         request.setHeader("Docker-Content-Digest", digest)
         request.setHeader("ETag", f'"{digest}"')
         if mirror.storage is None:
-            request.dioproxy_outcome = "pass"
             return await self._pass_through(request, target, digest, head)
         mirror.cache.reading(digest, request)  # last use; never evicted while this request reads it
         size = mirror.storage.blob_size(digest)
@@ -206,21 +205,15 @@ class Blobs(Endpoint):
         fill = mirror.fills.get(digest)
         if fill is not None:
             await mirror.private.check(target, digest, "blobs")
-        if fill is None and head:
-            request.dioproxy_outcome = "pass"
+        elif head:
             return await self._pass_through(request, target, digest, head)
         request.dioproxy_outcome = "miss"
-        if fill is None:
-            mirror.private.mark(target, digest)
-            try:
-                fill = mirror.fills.start(digest, mirror.client(target), target.name)
-            except DiskFull:
-                request.dioproxy_outcome = "pass"
-                return await self._pass_through(request, target, digest, head)
         try:
+            if fill is None:
+                mirror.private.mark(target, digest)
+                fill = mirror.fills.start(digest, mirror.client(target), target.name)
             await fill.ready()
         except DiskFull:
-            request.dioproxy_outcome = "pass"
             return await self._pass_through(request, target, digest, head)
         if request._disconnected:
             return
@@ -256,6 +249,7 @@ class Blobs(Endpoint):
 
         A HEAD asks the upstream for the first byte only: the size is in ``Content-Range`` and no blob is sent.
         """
+        request.dioproxy_outcome = "pass"
         wanted = "bytes=0-0" if head else request_header(request, "Range")
         path = f"/v2/{target.name}/blobs/{digest}"
         response = await self.mirror.client(target).request(
