@@ -73,7 +73,7 @@ class Upstream:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.tokens = TokenService(base)
+        self.tokens = TokenService(base, log_path=base / "token-service.log")
         self.registry: Registry | None = None
         self.realm = ""
         self.blobs: dict[str, BlobFile] = {}
@@ -83,7 +83,7 @@ class Upstream:
     def start(self) -> None:
         self.realm = f"http://127.0.0.1:{self.tokens.start()}/token"
         self.registry = Registry(
-            "docker.io", "registry.docker.io", self.base / "upstream", self.realm, self.tokens.cert_path
+            "docker.io", "registry.docker.io", self.base / "upstream", self.realm, self.tokens.cert_path, logs=self.base
         )
         self.registry.start()
 
