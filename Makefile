@@ -18,7 +18,7 @@ $(BIN)/twistd: setup.py
 venv: $(BIN)/twistd
 
 run: venv
-	$(BIN)/twistd -n dioproxy --port $(PORT) --cache-dir ./data
+	$(BIN)/twistd -n --pidfile= dioproxy --port $(PORT) --cache-dir ./data
 
 system-deps:
 	scripts/install-system-deps
