@@ -12,6 +12,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -53,6 +54,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def proxy_command(args: argparse.Namespace) -> str:
+    return " ".join([args.proxy_command, *map(shlex.quote, args.proxy_arg)])
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -68,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     scratch = Path(tempfile.mkdtemp(prefix="dioproxy-bench-"))
     servers: list[Server] = []
-    upstream = Upstream(scratch)
+    upstream: Upstream | None = None
     started = time.monotonic()
     load = os.getloadavg()[0]
     try:
-        stage = set_stage(plan, scratch, upstream, servers, f"{args.proxy_command} {' '.join(args.proxy_arg)}")
+        upstream = Upstream(scratch)
+        stage = set_stage(plan, scratch, upstream, servers, proxy_command(args))
         stage.profile_dir = args.profile
         rows: list[Row] = []
         for key in wanted:
@@ -85,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         clients.kill_all()
         for server in reversed(servers):
             server.stop()
-        upstream.stop()
+        if upstream is not None:
+            upstream.stop()
         if args.keep:
             say(f"kept {scratch}")
         else:
@@ -160,7 +167,7 @@ def write_report(
     setting = (
         f"{os.cpu_count()} cores ({_cpu()}), Python {platform.python_version()}, "
         f"{_version(['/usr/bin/docker-registry', '--version']).split()[-1]} CNCF registry, "
-        f"{_version(['/usr/sbin/nginx', '-v'])}; proxy started as `{args.proxy_command} {' '.join(args.proxy_arg)}`"
+        f"{_version(['/usr/sbin/nginx', '-v'])}; proxy started as `{proxy_command(args)}`"
     )
     sizes = (
         f"{'quick' if args.quick else 'full'} run in {elapsed:.0f} s: warm blob {plan.warm_blob / MB:.0f} MB, "

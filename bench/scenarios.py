@@ -375,17 +375,15 @@ def memory(stage: Stage) -> list[Row]:
         stage.cncf.name: stage.cncf.url + blob.url_path(),
         stage.nginx.name: stage.nginx.url + "/blobs/memory",
     }
-    served: dict[str, float] = {}
 
     def measure(server: Server) -> Callable[[], float]:
         def run() -> float:
             idle = group_rss(server.pid) / MB
             with Sampler(server.pid) as sampler:
                 got = clients.slow_readers(urls[server.name], plan.slow_readers, plan.slow_rate, plan.slow_seconds)
-            served[server.name] = sum(got) / MB
             stage.notes.append(
                 f"Scenario 4, {server.name}: {idle:.0f} MB resident before, {sum(got) / MB:.0f} MB served to "
-                f"{plan.slow_readers} readers in {plan.slow_seconds:g} s."
+                f"{plan.slow_readers} readers in {plan.slow_seconds:g} s; peak PSS {sampler.peak_pss_mb:.0f} MB."
             )
             return sampler.peak_mb
 
