@@ -94,20 +94,37 @@ class ManifestStore:
 
 
 class TagIndex:
-    """Tag → digest entries, in memory, written through to disk so they survive restarts."""
+    """Tag → digest entries: the most recent in memory, all written through to disk so they survive restarts.
+
+    Unknown tags are not remembered, so requests for made-up tags cannot grow our memory.
+    """
+
+    MEMORY = 100_000
 
     def __init__(self, storage: DiskStorage | None) -> None:
         self.storage = storage
-        self._entries: dict[tuple[str, str, str], TagEntry | None] = {}
+        self._entries: OrderedDict[tuple[str, str, str], TagEntry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def get(self, registry: str, name: str, tag: str) -> TagEntry | None:
         key = (registry, name, tag)
-        if key not in self._entries:
-            self._entries[key] = self.storage.read_tag(*key) if self.storage else None
-        return self._entries[key]
+        entry = self._entries.get(key)
+        if entry is None and self.storage:
+            entry = self.storage.read_tag(*key)
+            if entry is not None:
+                self._remember(key, entry)
+        return entry
+
+    def _remember(self, key: tuple[str, str, str], entry: TagEntry) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        if len(self._entries) > self.MEMORY:
+            self._entries.popitem(last=False)
 
     def put(self, registry: str, name: str, tag: str, entry: TagEntry) -> None:
-        self._entries[(registry, name, tag)] = entry
+        self._remember((registry, name, tag), entry)
         if self.storage:
             try:
                 self.storage.write_tag(registry, name, tag, entry)
@@ -115,7 +132,7 @@ class TagIndex:
                 log.warn("cannot store tag {registry}/{name}:{tag}: {e}", registry=registry, name=name, tag=tag, e=e)
 
     def forget(self, registry: str, name: str, tag: str) -> None:
-        self._entries[(registry, name, tag)] = None
+        self._entries.pop((registry, name, tag), None)
         if self.storage:
             self.storage.delete_tag(registry, name, tag)
 

@@ -143,6 +143,14 @@ class ManifestTests(unittest.TestCase):
         self.assertEqual((yield response.json())["errors"][0]["code"], "MANIFEST_UNKNOWN")
 
     @defer.inlineCallbacks
+    def test_made_up_tags_take_no_memory(self):
+        for i in range(30):
+            response = yield self.proxy.get(f"/v2/library/hello/manifests/nope{i}")
+            self.assertEqual(response.code, 404)
+            yield response.content()
+        self.assertEqual(len(self.proxy.mirror.manifests.tags), 0)
+
+    @defer.inlineCallbacks
     def test_deleted_tag_is_forgotten(self):
         yield (yield self.proxy.get("/v2/library/hello/manifests/1.0")).content()
         self.fake.untag("library/hello", "1.0")
