@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     out = args.out or (REPOSITORY / "bench" / "out" if args.quick else REPOSITORY / "docs")
     wanted = [s for s in SCENARIOS if not args.only or s in args.only.split(",")]
-    signal.signal(signal.SIGTERM, _terminate)
+    # Explicitly: a shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
     scratch = Path(tempfile.mkdtemp(prefix="dioproxy-bench-"))
     servers: list[Server] = []
     upstream: Upstream | None = None
