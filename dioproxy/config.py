@@ -79,6 +79,7 @@ class Config:
     tag_ttl: float = 300.0
     cache_max_size: int | None = None  # bytes; None: unbounded
     cache_max_age: float | None = None  # seconds since last use; None: no limit
+    accel_redirect: str | None = None  # behind nginx: cached blobs are answered with X-Accel-Redirect to this prefix
     default_registry: str = "docker.io"
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
@@ -148,7 +149,7 @@ def _mapping(value: Any, key: str) -> dict:
 
 
 _TOP_KEYS = {"upstreams", "hosts", "cache", "default_registry", "timeouts", "auth", "access", "rate_limit", "tls"}
-_CACHE_KEYS = {"dir", "tag_ttl", "enabled", "max_size", "max_age"}
+_CACHE_KEYS = {"dir", "tag_ttl", "enabled", "max_size", "max_age", "accel_redirect"}
 _UPSTREAM_KEYS = {"url", "username", "password"}
 _TIMEOUT_KEYS = {"connect", "read"}
 _AUTH_KEYS = {"htpasswd", "token_ttl", "secret"}
@@ -209,8 +210,12 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
     if not isinstance(directory, str) or not directory:
         raise ConfigError(f"cache.dir: expected a path, got {directory!r}")
 
+    accel = cache.get("accel_redirect")
+    if accel is not None and not (isinstance(accel, str) and accel.startswith("/") and accel.endswith("/")):
+        raise ConfigError(f"cache.accel_redirect: expected a location prefix like /_dioproxy/blobs/, got {accel!r}")
+
     default = data.get("default_registry", "docker.io")
-    if default not in upstreams:
+    if not isinstance(default, str) or default not in upstreams:
         raise ConfigError(f"default_registry: {default!r} is not among the upstreams")
 
     max_size, max_age = cache.get("max_size"), cache.get("max_age")
@@ -228,6 +233,7 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
         tag_ttl=parse_duration(cache.get("tag_ttl", 300), "cache.tag_ttl"),
         cache_max_size=parse_size(max_size, "cache.max_size") or None if max_size is not None else None,
         cache_max_age=parse_duration(max_age, "cache.max_age") or None if max_age is not None else None,
+        accel_redirect=accel,
         default_registry=default,
         connect_timeout=parse_duration(timeouts.get("connect", 10), "timeouts.connect"),
         read_timeout=parse_duration(timeouts.get("read", 60), "timeouts.read"),

@@ -201,6 +201,8 @@ class Blobs(Endpoint):
         if size is not None:
             await mirror.private.check(target, digest, "blobs")
             request.dioproxy_outcome = "hit"
+            if self._accel(request, digest, head):
+                return None
             return self._send_file(request, mirror.storage.blob_path(digest), size, head, None)
         fill = mirror.fills.get(digest)
         if fill is not None:
@@ -223,6 +225,19 @@ class Blobs(Endpoint):
         except FileNotFoundError:  # the fill was committed between ready() and open()
             fd = os.open(mirror.storage.blob_path(digest), os.O_RDONLY)
         self._send_file(request, fd, fill.size, head, None if fill.done else fill)
+
+    def _accel(self, request: server.Request, digest: str, head: bool) -> bool:
+        """Behind nginx (``cache.accel_redirect``, and nginx saying ``X-Dioproxy-Accel: on``), let nginx send the
+        cached file itself with ``X-Accel-Redirect``: sendfile, Range and slow clients become its business."""
+        prefix = self.mirror.config.accel_redirect
+        if head or not prefix or request_header(request, "X-Dioproxy-Accel") != "on":
+            return False
+        hexdigest = digest.split(":", 1)[1]
+        request.setHeader("X-Accel-Redirect", f"{prefix}{hexdigest[:2]}/{hexdigest}")
+        request.setHeader("Content-Type", "application/octet-stream")
+        request.setHeader("Content-Length", "0")
+        request.finish()
+        return True
 
     def _send_file(self, request: server.Request, source: str | int, size: int | None, head: bool, fill: Any) -> None:
         request.setHeader("Content-Type", "application/octet-stream")

@@ -63,14 +63,31 @@ def containerd_hosts_toml(mirror: str, registry: str | None) -> str:
     return f'{head}[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
 
 
-def nginx_site_conf(listen: str, server_name: str, proxy: str) -> str:
+ACCEL_PREFIX = "/_dioproxy/blobs/"
+
+
+def nginx_site_conf(listen: str, server_name: str, proxy: str, cache_dir: str | None = None) -> str:
     """The seed's nginx site, corrected: ``$http_host`` keeps the port (``$host`` drops it), the real scheme
     instead of a hard-coded ``https``, no websocket ``Upgrade`` headers (they made every request ``Connection:
-    upgrade``), and no buffering so large blobs stream through instead of being spooled to nginx's disk first."""
+    upgrade``), and no buffering so large blobs stream through instead of being spooled to nginx's disk first.
+
+    With ``cache_dir`` (nginx on the same host as the cache, and ``cache.accel_redirect: /_dioproxy/blobs/`` in the
+    proxy's config), nginx sends cached blobs itself when the proxy answers with ``X-Accel-Redirect``."""
+    accel = ""
+    if cache_dir:
+        accel = f"""
+  location {ACCEL_PREFIX} {{
+    internal;
+    alias {cache_dir.rstrip("/")}/blobs/sha256/;
+    default_type application/octet-stream;
+    add_header Docker-Content-Digest $upstream_http_docker_content_digest always;
+    add_header Docker-Distribution-Api-Version registry/2.0 always;
+  }}
+"""
     return f"""server {{
   listen {listen};
   server_name {server_name};
-
+{accel}
   location / {{
     proxy_pass http://{proxy};
     proxy_http_version 1.1;
@@ -81,7 +98,7 @@ def nginx_site_conf(listen: str, server_name: str, proxy: str) -> str:
     proxy_set_header X-Forwarded-Proto $scheme;
     proxy_buffering off;
     proxy_request_buffering off;
-    proxy_read_timeout 15m;
+    proxy_read_timeout 15m;{chr(10) + "    proxy_set_header X-Dioproxy-Accel on;" if cache_dir else ""}
   }}
 }}
 """
@@ -167,6 +184,9 @@ def doc_snippets() -> dict[str, str]:
         "certs.d/ghcr.io/hosts.toml": containerd_hosts_toml(DOC_MIRROR, "ghcr.io"),
         "certs.d/_default/hosts.toml": containerd_hosts_toml(DOC_MIRROR, None),
         "nginx site": nginx_site_conf("80", "mirror.example.internal", f"127.0.0.1:{DOC_PROXY_PORT}"),
+        "nginx site, accel": nginx_site_conf(
+            "80", "mirror.example.internal", f"127.0.0.1:{DOC_PROXY_PORT}", "/var/cache/dioproxy"
+        ),
         "dioproxy.service": systemd_unit(exec_start),
     }
 

@@ -316,3 +316,27 @@ class PassThroughTests(unittest.TestCase):
         except ResponseFailed:
             return
         self.assertNotEqual(body, self.data)
+
+
+class AccelRedirectTests(unittest.TestCase):
+    """``cache.accel_redirect``: cached blobs are handed to nginx, but only when nginx asks for it."""
+
+    @defer.inlineCallbacks
+    def test_only_for_requests_nginx_marked(self):
+        fake = start_upstream(self)
+        data = os.urandom(MB)
+        digest = fake.add_blob(data)
+        proxy = Proxy(self, fake.registry_url, cache={"accel_redirect": "/_dioproxy/blobs/"})
+        path = f"/v2/library/x/blobs/{digest}"
+        marked = {"X-Dioproxy-Accel": ["on"]}
+        response = yield proxy.get(path, headers=marked)
+        self.assertEqual((yield response.content()), data, "a miss streams from the proxy as usual")
+        response = yield proxy.get(path, headers=marked)
+        self.assertEqual((yield response.content()), b"")
+        self.assertEqual(
+            response.headers.getRawHeaders("X-Accel-Redirect"), [f"/_dioproxy/blobs/{digest[7:9]}/{digest[7:]}"]
+        )
+        self.assertEqual(response.headers.getRawHeaders("Docker-Content-Digest"), [digest])
+        response = yield proxy.get(path)
+        self.assertEqual((yield response.content()), data, "a client that reached us directly gets the bytes")
+        self.assertIsNone(response.headers.getRawHeaders("X-Accel-Redirect"))

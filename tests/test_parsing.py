@@ -53,6 +53,8 @@ class ConfigTests(unittest.TestCase):
             ({"hosts": {"a.example": ["ghcr.io"]}}, "hosts.a.example"),
             ({"cache": {"enabled": "yes"}}, "cache.enabled"),
             ({"cache": {"size": 1}}, "cache.size"),
+            ({"cache": {"accel_redirect": "internal"}}, "cache.accel_redirect"),
+            ({"default_registry": ["docker.io"]}, "default_registry"),
             ({"caches": {}}, "caches"),
             ({"default_registry": "nowhere.io"}, "default_registry"),
             ([1, 2], "(top level)"),

@@ -308,11 +308,11 @@ def verify_oci_layout(directory: Path) -> tuple[str, set[str]]:
 class Nginx:
     """nginx (``nginx-light``) in front of the proxy with the documented site config, own prefix and pid file."""
 
-    def __init__(self, proxy: str) -> None:
+    def __init__(self, proxy: str, cache_dir: str | None = None) -> None:
         self.base = state_dir("nginx", ("/usr/sbin/nginx",))
         self.port = free_port()
         site = self.base / "site.conf"
-        site.write_text(snippets.nginx_site_conf(f"127.0.0.1:{self.port}", "localhost", proxy))
+        site.write_text(snippets.nginx_site_conf(f"127.0.0.1:{self.port}", "localhost", proxy, cache_dir))
         logs = log_dir()
         self.access_log = logs / f"nginx-access-{self.port}.log"
         conf = self.base / "nginx.conf"
