@@ -169,7 +169,8 @@ def write_report(
     setting = (
         f"{os.cpu_count()} cores ({_cpu()}), Python {platform.python_version()}, "
         f"{_version(['/usr/bin/docker-registry', '--version']).split()[-1]} CNCF registry, "
-        f"{_version(['/usr/sbin/nginx', '-v'])}; proxy started as `{proxy_command(args)}`"
+        f"{_version(['/usr/sbin/nginx', '-v'])}; proxy started as "
+        f"`{proxy_command(args).replace(shlex.quote(sys.executable), 'python')}`"
     )
     sizes = (
         f"{'quick' if args.quick else 'full'} run in {elapsed:.0f} s: warm blob {plan.warm_blob / MB:.0f} MB, "

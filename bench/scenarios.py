@@ -158,7 +158,7 @@ def cached_manifest(stage: Stage) -> list[Row]:
 
 
 def _ratios(*pairs: tuple[float | None, str]) -> str:
-    parts = [f"{value:.2f}x {name}" if value < 10 else f"{value:.0f}x {name}" for value, name in pairs if value]
+    parts = [f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f}x {name}" for value, name in pairs if value]
     return ", ".join(parts) or "-"
 
 
