@@ -168,12 +168,12 @@ def write_report(
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     setting = (
         f"{os.cpu_count()} cores ({_cpu()}), Python {platform.python_version()}, "
-        f"{_version(['/usr/bin/docker-registry', '--version']).split()[-1]} CNCF registry, "
+        f"CNCF registry {_version(['/usr/bin/docker-registry', '--version']).split()[-1]}, "
         f"{_version(['/usr/sbin/nginx', '-v'])}; proxy started as "
         f"`{proxy_command(args).replace(shlex.quote(sys.executable), 'python')}`"
     )
     sizes = (
-        f"{'quick' if args.quick else 'full'} run in {elapsed:.0f} s: warm blob {plan.warm_blob / MB:.0f} MB, "
+        f"{'Quick' if args.quick else 'Full'} run in {elapsed:.0f} s: warm blob {plan.warm_blob / MB:.0f} MB, "
         f"cold blobs {plan.cold_blob / MB:.0f} MB, far link {plan.link_rate / MB:.0f} MB/s, "
         f"wrk {plan.wrk_seconds:g} s per server; 1-minute load average {load:.1f} when the run started "
         "(other work on the same cores)"
