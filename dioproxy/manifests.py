@@ -83,6 +83,10 @@ class ManifestStore:
                 log.warn("cannot store manifest {digest}: {e}", digest=digest, e=e)
         self._remember(digest, (media_type, body))
 
+    def drop_memory(self) -> None:
+        self._lru.clear()
+        self._bytes = 0
+
     def _remember(self, digest: str, entry: tuple[str, bytes]) -> None:
         if digest in self._lru:
             return
@@ -107,6 +111,9 @@ class TagIndex:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def drop_memory(self) -> None:
+        self._entries.clear()
 
     def get(self, registry: str, name: str, tag: str) -> TagEntry | None:
         key = (registry, name, tag)
@@ -158,6 +165,11 @@ class Manifests:
         self.caching = caching
         self.private = private
         self._flights = SingleFlight()
+
+    def drop_memory(self) -> None:
+        """Forget what memory holds, so the disk is read again (after ``dioproxy purge`` changed it)."""
+        self.store.drop_memory()
+        self.tags.drop_memory()
 
     async def get(self, target: Target, reference: str) -> Manifest:
         """The manifest for a tag or digest; concurrent identical requests share one upstream exchange."""

@@ -126,6 +126,7 @@ class ConfigReloader:
     def hangup(self) -> None:
         """SIGHUP: reload the config; re-read the cache directory (after ``dioproxy purge`` or ``verify --repair``)."""
         self.reload("SIGHUP")
+        self.mirror.manifests.drop_memory()
         if getattr(self.mirror, "cache", None) is not None and self.mirror.cache.ready:
             self.mirror.cache.rescan()
 

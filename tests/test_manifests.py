@@ -1,6 +1,7 @@
 """Manifests through the proxy: headers, tag TTL, HEAD revalidation, stale serving, errors (fake Docker Hub)."""
 
 import json
+import os
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -149,6 +150,18 @@ class ManifestTests(unittest.TestCase):
             self.assertEqual(response.code, 404)
             yield response.content()
         self.assertEqual(len(self.proxy.mirror.manifests.tags), 0)
+
+    @defer.inlineCallbacks
+    def test_purged_entries_leave_memory_on_sighup(self):
+        """``dioproxy purge`` edits the disk; the SIGHUP it asks for makes a running proxy forget its copies."""
+        yield (yield self.proxy.get("/v2/library/hello/manifests/1.0")).content()
+        storage = self.proxy.mirror.storage
+        os.unlink(storage.tag_path("docker.io", "library/hello", "1.0"))
+        os.unlink(storage.manifest_path(self.image.digest))
+        self.proxy.mirror.manifests.drop_memory()  # what the SIGHUP handler calls
+        self.fake.clear_requests()
+        yield (yield self.proxy.get("/v2/library/hello/manifests/1.0")).content()
+        self.assertEqual(self.manifest_gets(), 1, "the purged manifest was fetched again")
 
     @defer.inlineCallbacks
     def test_deleted_tag_is_forgotten(self):
