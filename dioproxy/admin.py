@@ -33,18 +33,14 @@ from typing import IO, Any
 from urllib.parse import quote
 
 from dioproxy import __version__, snippets
-from dioproxy.cachedir import BLOB, MANIFEST, entry_path, last_use, read_manifest, references, scan, tags
+from dioproxy.cachedir import BLOB, MANIFEST, entry_path, last_use, references, scan, tags
 from dioproxy.config import ConfigError, load_config, parse_duration
+from dioproxy.manifests import INDEX_TYPES
 from dioproxy.names import check_digest, check_name, check_reference, looks_like_host
+from dioproxy.storage import read_manifest
+from dioproxy.upstream import MANIFEST_TYPES
 
 CHUNK = 1024 * 1024
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
-INDEX_TYPES = {MANIFEST_TYPES[0], MANIFEST_TYPES[2]}
 
 
 class AdminError(Exception):

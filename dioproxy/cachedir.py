@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from dioproxy.storage import TagEntry
+from dioproxy.storage import TagEntry, blob_path, manifest_path
 
 #: ``kind`` of an entry: blobs and manifests live in separate trees, a digest may be in both.
 BLOB, MANIFEST = "blob", "manifest"
@@ -34,10 +34,7 @@ class Entry:
 
 
 def entry_path(root: str, kind: str, digest: str) -> str:
-    hexdigest = digest.split(":", 1)[1]
-    if kind == BLOB:
-        return os.path.join(root, "blobs", "sha256", hexdigest[:2], hexdigest)
-    return os.path.join(root, "manifests", "sha256", hexdigest)
+    return blob_path(root, digest) if kind == BLOB else manifest_path(root, digest)
 
 
 def scan(root: str) -> Iterator[Entry]:
@@ -120,16 +117,6 @@ def tags(root: str) -> Iterator[Tag]:
             except (OSError, ValueError, TypeError):
                 entry = None
             yield Tag(repo[0], "/".join(repo[1:]), tag, path, entry)
-
-
-def read_manifest(root: str, digest: str) -> tuple[str, bytes] | None:
-    try:
-        with open(entry_path(root, MANIFEST, digest), "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    media_type, _, body = data.partition(b"\n")
-    return media_type.decode("utf-8", "replace"), body
 
 
 def references(body: bytes) -> tuple[list[str], list[str]]:

@@ -36,6 +36,26 @@ def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
 
 
+def blob_path(root: str, digest: str) -> str:
+    hexdigest = _hex(digest)
+    return os.path.join(root, "blobs", "sha256", hexdigest[:2], hexdigest)
+
+
+def manifest_path(root: str, digest: str) -> str:
+    return os.path.join(root, "manifests", "sha256", _hex(digest))
+
+
+def read_manifest(root: str, digest: str) -> tuple[str, bytes] | None:
+    """(media type, bytes) of a stored manifest, or None."""
+    try:
+        with open(manifest_path(root, digest), "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    media_type, _, body = data.partition(b"\n")
+    return media_type.decode("utf-8", "replace"), body
+
+
 class DiskStorage:
     """Paths and atomic writes; callers have already validated names and digests."""
 
@@ -59,8 +79,7 @@ class DiskStorage:
     # -- blobs ---------------------------------------------------------------------------------------------------
 
     def blob_path(self, digest: str) -> str:
-        hexdigest = _hex(digest)
-        return os.path.join(self.root, "blobs", "sha256", hexdigest[:2], hexdigest)
+        return blob_path(self.root, digest)
 
     def blob_size(self, digest: str) -> int | None:
         try:
@@ -83,16 +102,10 @@ class DiskStorage:
     # -- manifests -----------------------------------------------------------------------------------------------
 
     def manifest_path(self, digest: str) -> str:
-        return os.path.join(self.root, "manifests", "sha256", _hex(digest))
+        return manifest_path(self.root, digest)
 
     def read_manifest(self, digest: str) -> tuple[str, bytes] | None:
-        try:
-            with open(self.manifest_path(digest), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return None
-        media_type, _, body = data.partition(b"\n")
-        return media_type.decode(), body
+        return read_manifest(self.root, digest)
 
     def write_manifest(self, digest: str, media_type: str, body: bytes) -> None:
         self.write_small(self.manifest_path(digest), media_type.encode() + b"\n" + body)
