@@ -18,6 +18,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from twisted.internet import defer, task, threads
@@ -70,9 +71,10 @@ class CacheIndex:
             self.counts[key[0]] -= 1
         return entry
 
-    def oldest(self) -> list[tuple[Key, list]]:
-        """A snapshot of the entries, least recently used first (safe to modify the index while iterating it)."""
-        return list(self._lru.items())
+    def oldest(self) -> Iterator[tuple[Key, list]]:
+        """The entries, least recently used first, lazily: callers stop early, and must not modify the index
+        while iterating (collect first, then remove)."""
+        return iter(self._lru.items())
 
     def first(self) -> tuple[Key, list] | None:
         return next(iter(self._lru.items()), None)
@@ -330,22 +332,28 @@ class CacheBound:
             return
         if self.max_age:
             limit = self.clock() - self.max_age
+            expired = []
             for key, (_size, used) in self.index.oldest():
                 if used >= limit:
                     break
                 if not self.pinned(key):
-                    self._evict(key, "age")
+                    expired.append(key)
+            for key in expired:
+                self._evict(key, "age")
         if self.max_size is None:
             return
         excess = self.total() - self.max_size
         if excess <= 0:
             return
-        for key, _ in self.index.oldest():
+        victims = []
+        for key, (size, _used) in self.index.oldest():
             if excess <= 0:
                 break
-            if self.pinned(key):
-                continue
-            excess -= self._evict(key, "size")
+            if not self.pinned(key):
+                victims.append(key)
+                excess -= size
+        for key in victims:
+            self._evict(key, "size")
         if excess > 0:
             log.warn(
                 "cache is {excess} bytes over its bound of {bound}: the rest is being read or downloaded",
