@@ -361,10 +361,25 @@ class CacheBound:
                 bound=self.max_size,
             )
 
-    def _evict(self, key: Key, reason: str) -> int:
+    def make_room(self, nbytes: int) -> defer.Deferred:
+        """The disk is full (whatever the bound says): evict least recently used, unpinned entries totalling
+        ``nbytes``; fires once their files are deleted."""
+        victims, freed = [], 0
+        for key, (size, _used) in self.index.oldest():
+            if freed >= nbytes:
+                break
+            if not self.pinned(key):
+                victims.append(key)
+                freed += size
+        if victims:
+            log.warn("cache disk full: evicting {n} entries ({freed} bytes) to make room", n=len(victims), freed=freed)
+        return defer.gatherResults([self._evict(key, "space") for key in victims])
+
+    def _evict(self, key: Key, reason: str) -> defer.Deferred:
+        """Fires with the bytes freed once the entry's file is gone."""
         entry = self.index.remove(key)
         if entry is None:
-            return 0
+            return defer.succeed(0)
         if self._scanning:
             self._during_scan[key] = None
         kind, digest = key
@@ -374,21 +389,23 @@ class CacheBound:
                 # Rename now (instant, and a new request can no longer find it), delete in a thread.
                 doomed = os.path.join(self.storage.tmp, f"evicted.{digest.split(':', 1)[1]}.{secrets.token_hex(4)}")
                 os.rename(path, doomed)
-                threads.deferToThread(_unlink, doomed).addErrback(lambda f: log.failure("eviction unlink", f))
+                deleted = threads.deferToThread(_unlink, doomed)
+                deleted.addErrback(lambda f: log.failure("eviction unlink", f))
             else:
                 os.unlink(path)
+                deleted = defer.succeed(None)
         except FileNotFoundError:
-            return entry[0]  # removed behind our back (purge, repair): gone all the same
+            return defer.succeed(entry[0])  # removed behind our back (purge, repair): gone all the same
         except OSError as e:
             log.warn("cannot evict {kind} {digest}: {e}", kind=kind, digest=digest, e=e)
-            return 0
+            return defer.succeed(0)
         self._dirty = True
         if self.metrics is not None:
             self.metrics.evicted(kind, reason, entry[0])
         log.debug(
             "evicted {kind} {digest} ({size} bytes, {reason})", kind=kind, digest=digest, size=entry[0], reason=reason
         )
-        return entry[0]
+        return deleted.addCallback(lambda _: entry[0])
 
     # -- snapshot --------------------------------------------------------------------------------------------
 

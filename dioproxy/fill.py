@@ -148,23 +148,15 @@ class _BodyWriter(protocol.Protocol):
 class _FillRunner:
     """Drives one :class:`Fill` from the upstream: request, resume on a cut, verify, commit."""
 
-    def __init__(
-        self,
-        fill: Fill,
-        fd: int,
-        client: UpstreamClient,
-        name: str,
-        storage: DiskStorage,
-        reactor: Any,
-        read_timeout: float,
-    ) -> None:
+    def __init__(self, fill: Fill, fd: int, client: UpstreamClient, name: str, manager: FillManager) -> None:
         self.fill = fill
         self.fd = fd
         self.client = client
         self.name = name
-        self.storage = storage
-        self.reactor = reactor
-        self.read_timeout = read_timeout
+        self.storage = manager.storage
+        self.reactor = manager.reactor
+        self.read_timeout = manager.read_timeout
+        self.make_room = manager.make_room
         self.sha = hashlib.sha256()
         self.error: Exception | None = None
 
@@ -186,7 +178,7 @@ class _FillRunner:
             response = await self.client.request("GET", path, self.name, headers)
             skip = self._check_response(response)
             if fill.size is not None and not fill.written:
-                self._check_space(fill.size)
+                await self._check_space(fill.size)
             if not fill.answered:
                 fill.answered = True
                 fill._notify()
@@ -212,11 +204,19 @@ class _FillRunner:
         await threads.deferToThread(os.fsync, self.fd)
         self.storage.commit_blob(fill.path, fill.digest)
 
-    def _check_space(self, size: int) -> None:
-        """Refuse to start a fill the disk cannot hold: the clients stream it through instead."""
-        stat = os.statvfs(self.storage.tmp)
-        if stat.f_bavail * stat.f_frsize < size + 1024 * 1024:
+    async def _check_space(self, size: int) -> None:
+        """Make room on the disk for a fill (least recently used entries go), or refuse it: the clients then
+        stream the blob through uncached."""
+        needed = size + 1024 * 1024 - self._free()
+        if needed > 0 and self.make_room is not None:
+            await self.make_room(needed)
+            needed = size + 1024 * 1024 - self._free()
+        if needed > 0:
             raise DiskFull(f"{size} bytes do not fit on the cache disk")
+
+    def _free(self) -> int:
+        stat = os.statvfs(self.storage.tmp)
+        return stat.f_bavail * stat.f_frsize
 
     def _check_response(self, response: Any) -> int:
         """Learn the size from the first answer; on a resume, how many bytes to skip. Raises on errors."""
@@ -246,11 +246,14 @@ class FillManager:
         reactor: Any,
         read_timeout: float = 60.0,
         on_done: Callable[[Fill, float], None] | None = None,
+        make_room: Callable[[int], defer.Deferred] | None = None,
     ) -> None:
         self.storage = storage
         self.reactor = reactor
         self.read_timeout = read_timeout
         self.on_done = on_done
+        #: Frees at least that many bytes of the cache disk (the size bound's least recently used entries).
+        self.make_room = make_room
         self.fills: dict[str, Fill] = {}
         self.disk_full_until = 0.0
 
@@ -272,7 +275,7 @@ class FillManager:
             raise
         fill = Fill(digest, path)
         self.fills[digest] = fill
-        runner = _FillRunner(fill, fd, client, name, self.storage, self.reactor, self.read_timeout)
+        runner = _FillRunner(fill, fd, client, name, self)
         began = self.reactor.seconds()
         d = defer.ensureDeferred(runner.run())
         d.addBoth(self._finished, fill, fd, began)

@@ -37,7 +37,9 @@ class Mirror:
         self.tokens = CountingTokenCache(self.metrics)
         self.clients = {name: self.make_client(upstream) for name, upstream in config.upstreams.items()}
         self.fills = (
-            FillManager(self.storage, reactor, config.read_timeout, self.metrics.fill_done) if self.storage else None
+            FillManager(self.storage, reactor, config.read_timeout, self.metrics.fill_done, self.make_room)
+            if self.storage
+            else None
         )
         self.cache = (
             CacheBound(
@@ -111,6 +113,10 @@ class Mirror:
         Returns the names of the settings that changed (see :mod:`dioproxy.reload`).
         """
         return apply_config(self, config)
+
+    def make_room(self, nbytes: int) -> defer.Deferred:
+        """The cache disk is full: the size bound gives up its least recently used entries."""
+        return self.cache.make_room(nbytes) if self.cache else defer.succeed(None)
 
     def upstream_response(self, registry: str, method: str, code: int, response: Any) -> None:
         """Every upstream answer: metrics; and a blob about to be stored (its size is known now) gets room in time."""

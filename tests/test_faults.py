@@ -49,26 +49,35 @@ class DiskFullTests(unittest.TestCase):
         return path
 
     @defer.inlineCallbacks
-    def test_full_disk_streams_through_then_recovers(self):
+    def test_full_disk_evicts_least_recently_used(self):
+        """No size bound set, but the disk is full: old entries make room for the new blob."""
         cache = self.mount_small_disk(6)
         proxy = Proxy(self, self.fake.registry_url, cache_dir=cache)
-        first, second = os.urandom(3 * MB), os.urandom(4 * MB)
+        yield proxy.mirror.cache.when_ready()
+        first, second = os.urandom(3 * MB), os.urandom(3 * MB)
         a, b = self.fake.add_blob(first), self.fake.add_blob(second)
+        for digest, data in ((a, first), (b, second)):
+            response = yield proxy.get(f"/v2/library/hello/blobs/{digest}")
+            self.assertEqual((yield response.content()), data)
+        self.assertEqual(sorted(cached_entries_are_sound(cache)), [b], "a made room for b")
+        self.assertEqual(proxy.temp_files(), [])
+
+    @defer.inlineCallbacks
+    def test_blob_larger_than_the_disk_streams_through(self):
+        cache = self.mount_small_disk(6)
+        proxy = Proxy(self, self.fake.registry_url, cache_dir=cache)
+        yield proxy.mirror.cache.when_ready()
+        small, huge = os.urandom(MB), os.urandom(8 * MB)
+        a, b = self.fake.add_blob(small), self.fake.add_blob(huge)
         response = yield proxy.get(f"/v2/library/hello/blobs/{a}")
-        self.assertEqual((yield response.content()), first)
-        self.assertTrue(os.path.exists(proxy.blob_file(a)))
-        for _ in range(2):  # does not fit any more: served uncached, every time, to every client
+        self.assertEqual((yield response.content()), small)
+        for _ in range(2):  # does not fit even in an empty cache: served uncached, every time
             response = yield proxy.get(f"/v2/library/hello/blobs/{b}")
             self.assertEqual(response.code, 200)
-            self.assertEqual((yield response.content()), second)
+            self.assertEqual(sha((yield response.content())), b)
         self.assertFalse(os.path.exists(proxy.blob_file(b)))
         response = yield proxy.get("/v2/library/hello/manifests/1.0")
         self.assertEqual((yield response.content()), self.image.body, "manifests keep working")
-        os.unlink(proxy.blob_file(a))  # space returns
-        response = yield proxy.get(f"/v2/library/hello/blobs/{b}")
-        self.assertEqual((yield response.content()), second)
-        self.assertTrue(os.path.exists(proxy.blob_file(b)), "cached again once there is room")
-        self.assertEqual(sorted(cached_entries_are_sound(cache)), [b])
         self.assertEqual(proxy.temp_files(), [])
 
     @defer.inlineCallbacks
