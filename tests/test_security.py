@@ -362,6 +362,8 @@ def _self_signed(key_path, cert_path):
             "2",
             "-subj",
             "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
         ],
         check=True,
         capture_output=True,
@@ -380,3 +382,37 @@ def _handshake(port, version):
             return True
     except (stdlib_ssl.SSLError, OSError):
         return False
+
+
+class UpstreamTLSTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_an_upstream_with_an_untrusted_certificate_is_refused(self):
+        """TLS to upstreams is verified: a self-signed registry is not talked to (no token, no request line)."""
+        from twisted.internet import ssl
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        key, cert = self.mktemp(), self.mktemp()
+        yield threads.deferToThread(_self_signed, key, cert)
+        with open(cert, "rb") as c, open(key, "rb") as k:
+            certificate = ssl.PrivateCertificate.loadPEM(c.read() + k.read())
+        seen = []
+
+        class Spy(Resource):
+            isLeaf = True
+
+            def render(self, request):
+                seen.append(request.uri)
+                return b"{}"
+
+        port = reactor.listenSSL(0, Site(Spy()), certificate.options(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        fake = start_upstream(self)
+        proxy = Proxy(self, fake.registry_url, upstreams={"quay.io": f"https://127.0.0.1:{port.getHost().port}"})
+        response = yield proxy.get("/v2/quay.io/a/b/manifests/1")
+        self.assertEqual(response.code, 503)
+        self.assertIn("quay.io", (yield response.json())["errors"][0]["message"])
+        self.assertEqual(seen, [], "a request went to a host whose certificate could not be verified")
+        from service_identity.exceptions import CertificateError
+
+        self.flushLoggedErrors(CertificateError)  # Twisted logs each refused handshake
