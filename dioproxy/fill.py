@@ -21,7 +21,7 @@ from twisted.web import client as webclient
 
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
 from dioproxy.storage import DiskStorage
-from dioproxy.upstream import UpstreamClient, header
+from dioproxy.upstream import UpstreamClient, abandon, header
 
 log = Logger()
 
@@ -176,9 +176,13 @@ class _FillRunner:
         while True:
             headers = {"Range": f"bytes={fill.written}-"} if fill.written else {}
             response = await self.client.request("GET", path, self.name, headers)
-            skip = self._check_response(response)
-            if fill.size is not None and not fill.written:
-                await self._check_space(fill.size)
+            try:
+                skip = self._check_response(response)
+                if fill.size is not None and not fill.written:
+                    await self._check_space(fill.size)
+            except Exception:
+                abandon(response)  # an error status or no room: its body is not wanted
+                raise
             if not fill.answered:
                 fill.answered = True
                 fill._notify()

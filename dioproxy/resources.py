@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 from twisted.internet import defer
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
@@ -28,7 +27,7 @@ from dioproxy.mirror import Mirror
 from dioproxy.names import check_digest, check_reference
 from dioproxy.routing import Target
 from dioproxy.streaming import UpstreamPipe, parse_range, stream_file
-from dioproxy.upstream import discard, header, read_limited
+from dioproxy.upstream import abandon, discard, header, read_limited
 
 log = Logger()
 
@@ -280,7 +279,7 @@ class Blobs(Endpoint):
         request.setHeader("Accept-Ranges", "bytes")
         content_range = header(response, "Content-Range")
         if head:
-            response.deliverBody(_Stop())
+            abandon(response)
             size = response.length if response.code == 200 else _range_total(content_range)
             if size is not None:
                 request.setHeader("Content-Length", str(size))
@@ -296,13 +295,6 @@ class Blobs(Endpoint):
             request.finish()
             return
         response.deliverBody(UpstreamPipe(request, digest if response.code == 200 else None))
-
-
-class _Stop(Protocol):
-    """Reads no body: the connection is dropped rather than a whole blob downloaded for nothing."""
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
 
 
 def _range_total(content_range: str | None) -> int | None:

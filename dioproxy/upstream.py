@@ -89,6 +89,16 @@ def discard(response: IResponse) -> defer.Deferred:
     return done
 
 
+class _Abandon(protocol.Protocol):
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+def abandon(response: IResponse) -> None:
+    """Close a response's connection without reading its body (a blob we will not use)."""
+    response.deliverBody(_Abandon())
+
+
 class _Limited(protocol.Protocol):
     def __init__(self, limit: int, done: defer.Deferred) -> None:
         self.limit, self.done, self.parts, self.size = limit, done, [], 0
