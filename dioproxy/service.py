@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Any
 
 from twisted.application import internet, service
 from twisted.internet import defer, ssl
+from twisted.logger import Logger
 from twisted.python import usage
 
+from dioproxy import __version__
 from dioproxy.auth import Htpasswd, HtpasswdError
 from dioproxy.config import Config, ConfigError, load_config
 from dioproxy.mirror import Mirror
 from dioproxy.reload import ConfigReloader
 from dioproxy.resources import Root
 from dioproxy.site import MirrorSite
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -71,7 +76,18 @@ class MirrorService(service.MultiService):
         self.reloader = reloader
 
     def startService(self) -> None:
-        self.mirror.start()
+        removed = self.mirror.start()
+        config = self.mirror.config
+        log.info(
+            "dioproxy {version}: cache {cache} (tag TTL {ttl:.0f} s{leftovers}); upstreams: {upstreams}; "
+            "logins {login}",
+            version=__version__,
+            cache=os.path.abspath(config.cache_dir) if config.cache_enabled else "off (pass-through)",
+            ttl=config.tag_ttl,
+            leftovers=f", {removed} interrupted downloads removed" if removed else "",
+            upstreams=", ".join(f"{u.registry}={u.url}" for u in config.upstreams.values()),
+            login="required (htpasswd)" if config.security.htpasswd else "off",
+        )
         if self.reloader is not None:
             self.reloader.start()
         super().startService()

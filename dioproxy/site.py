@@ -33,6 +33,7 @@ class MirrorRequest(server.Request):
 class MirrorSite(server.Site):
     requestFactory = MirrorRequest
     protocol = MirrorChannel
+    noisy = False  # no "Starting factory" lines: the service says what it serves
 
     def log(self, request: MirrorRequest, aborted: bool = False) -> None:
         if request.dioproxy_logged:
