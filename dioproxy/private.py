@@ -27,17 +27,25 @@ class PrivateContent:
         self.storage = storage
         self.client_for = client_for
         self._seen: dict[str, set[str]] = {}
+        # Which digests have a record at all, listed once: a cache hit on public content costs no syscall.
+        try:
+            self._recorded = {"sha256:" + name for name in os.listdir(os.path.join(storage.root, "private"))}
+        except FileNotFoundError:
+            self._recorded = set()
 
     def _path(self, digest: str) -> str:
         return os.path.join(self.storage.root, "private", digest.split(":", 1)[1])
 
     def seen(self, digest: str) -> set[str] | None:
         """Where a credentialed digest was seen; None for content that came without credentials."""
+        if digest not in self._recorded:
+            return None
         if digest not in self._seen:
             try:
                 with open(self._path(digest), "rb") as f:
                     self._seen[digest] = set(json.load(f))
-            except FileNotFoundError:
+            except (FileNotFoundError, ValueError):
+                self._recorded.discard(digest)
                 return None
         return self._seen[digest]
 
@@ -51,6 +59,7 @@ class PrivateContent:
             return
         repositories.add(key)
         self._seen[digest] = repositories
+        self._recorded.add(digest)
         try:
             self.storage.write_small(self._path(digest), json.dumps(sorted(repositories)).encode())
         except OSError as e:  # kept in memory; a full disk must not fail the pull

@@ -178,6 +178,23 @@ class PrivateContentTests(unittest.TestCase):
         self.assertEqual((yield response.content()), self.secret.body)
 
     @defer.inlineCallbacks
+    def test_records_survive_a_restart(self):
+        layer = self.secret.layer_digests[0]
+        yield (yield self.proxy.get(f"/v2/ghcr.io/acme/private/blobs/{layer}")).content()
+        again = Proxy(
+            self,
+            self.hub.registry_url,
+            cache_dir=self.proxy.cache_dir,
+            upstreams={"ghcr.io": {"url": self.ghcr.registry_url, "username": "bot", "password": "pat"}},
+        )
+        response = yield again.get(f"/v2/ghcr.io/acme/public/blobs/{layer}")
+        self.assertEqual(response.code, 404)
+        yield response.content()
+        response = yield again.get(f"/v2/ghcr.io/acme/private/blobs/{layer}")
+        self.assertEqual(response.code, 200)
+        yield response.content()
+
+    @defer.inlineCallbacks
     def test_credentials_never_leave(self):
         response = yield self.proxy.get("/v2/ghcr.io/acme/private/manifests/1.0")
         yield response.content()
