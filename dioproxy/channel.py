@@ -6,6 +6,7 @@ Twisted answers an over-long request line, too many or too large headers, or a m
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IAddress
 from twisted.web import http
 
 from dioproxy.errors import RegistryError
@@ -21,6 +22,13 @@ class MirrorChannel(http.HTTPChannel):
     maxHeaders = 200
 
     _first_bytes = True
+    _host = None
+
+    def getHost(self) -> IAddress:
+        """Our address, asked of the kernel once per connection rather than once per request."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def dataReceived(self, data: bytes) -> None:
         """A TLS ClientHello on this plain-HTTP port is refused at once: podman, skopeo and dockerd try HTTPS
