@@ -164,3 +164,20 @@ class RangeTests(unittest.TestCase):
         if isinstance(wanted, tuple):
             start, end = wanted
             self.assertTrue(0 <= start < end <= size)
+
+
+class DocumentedConfigTests(unittest.TestCase):
+    def test_the_example_in_the_reference_is_valid(self):
+        """docs/configuration.md's example file is accepted as it stands, key for key."""
+        import os
+        import re
+
+        import yaml
+
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "configuration.md")
+        with open(path, encoding="utf-8") as f:
+            block = re.search(r"```yaml\n(.*?)```", f.read(), re.S).group(1)
+        config = build_config(yaml.safe_load(block))
+        self.assertEqual(config.cache_max_size, 50 * 10**9)
+        self.assertEqual(config.security.access["docker.io"].deny, ("myorg/secret-*",))
+        self.assertEqual(config.accel_redirect, "/_dioproxy/blobs/")
