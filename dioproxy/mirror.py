@@ -18,7 +18,7 @@ from dioproxy.eviction import CacheBound, IndexedStorage, inflight_bytes
 from dioproxy.fill import FillManager
 from dioproxy.manifests import Manifests, ManifestStore, TagIndex
 from dioproxy.metrics import CountingTokenCache, Metrics
-from dioproxy.policy import RateLimiter, check_access
+from dioproxy.policy import ClientAddresses, RateLimiter, check_access
 from dioproxy.private import PrivateContent
 from dioproxy.reload import apply_config
 from dioproxy.routing import Target, resolve
@@ -77,11 +77,14 @@ class Mirror:
             if (security.htpasswd)
             else None
         )
-        self.limiter = (
-            RateLimiter(security.rate, security.burst, security.trusted_proxies, reactor.seconds)
-            if security.rate
-            else None
-        )
+        self.addresses = ClientAddresses(security.trusted_proxies)
+        self.limiter = RateLimiter(security.rate, security.burst, reactor.seconds) if security.rate else None
+
+    def client_address(self, request: Any) -> str:
+        """The address a request comes from: ``X-Forwarded-For`` counts only from ``rate_limit.trusted_proxies``."""
+        forwarded = request.getHeader("X-Forwarded-For")
+        peer = getattr(request.getClientAddress(), "host", "-")
+        return self.addresses.of(peer, forwarded.decode("latin-1") if isinstance(forwarded, bytes) else forwarded)
 
     def route(self, name: str, ns: str | None = None, host: str | None = None) -> Target:
         """The upstream repository for a request; 404 for unknown registries, 403 for denied repositories."""

@@ -22,19 +22,13 @@ def check_access(rules: dict[str, AccessRule], target: Target) -> None:
         raise RegistryError(403, "DENIED", f"{target.registry}/{name} is not served by this mirror")
 
 
-class RateLimiter:
-    """A token bucket per client address: ``rate`` requests per second, bursts up to ``burst``."""
+class ClientAddresses:
+    """Who a request comes from, behind nginx too: for the rate limit and the access log."""
 
-    MAX_CLIENTS = 100_000
-
-    def __init__(self, rate: float, burst: int, trusted_proxies: tuple[str, ...], clock: Callable[[], float]):
-        self.rate = rate
-        self.burst = max(1, burst)
+    def __init__(self, trusted_proxies: tuple[str, ...]) -> None:
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
-        self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}
 
-    def client(self, peer: str, forwarded_for: str | None) -> str:
+    def of(self, peer: str, forwarded_for: str | None) -> str:
         """The client's address: ``X-Forwarded-For`` counts only when it comes from a trusted proxy."""
         address = peer
         hops = [h.strip() for h in (forwarded_for or "").split(",") if h.strip()]
@@ -48,6 +42,18 @@ class RateLimiter:
         except ValueError:
             return False
         return any(ip in network for network in self.trusted)
+
+
+class RateLimiter:
+    """A token bucket per client address: ``rate`` requests per second, bursts up to ``burst``."""
+
+    MAX_CLIENTS = 100_000
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
 
     def retry_after(self, client: str) -> float:
         """0 if the request may go now (and is counted), else seconds until it may."""

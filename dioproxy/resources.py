@@ -101,8 +101,7 @@ class Endpoint(resource.Resource):
             return render_error(request, unsupported(method))
         limiter = self.mirror.limiter
         if limiter is not None:
-            client = limiter.client(request.getClientAddress().host, request_header(request, "X-Forwarded-For"))
-            wait = limiter.retry_after(client)
+            wait = limiter.retry_after(self.mirror.client_address(request))
             if wait:
                 error = RegistryError(429, "TOOMANYREQUESTS", "too many requests from this client")
                 error.headers["Retry-After"] = str(max(1, math.ceil(wait)))

@@ -39,9 +39,9 @@ class MirrorSite(server.Site):
         if request.dioproxy_logged:
             return
         request.dioproxy_logged = True
-        address = request.getClientAddress()
+        mirror = getattr(self.resource, "mirror", None)
         fields = {
-            "client": getattr(address, "host", "-"),
+            "client": mirror.client_address(request) if mirror else getattr(request.getClientAddress(), "host", "-"),
             "method": request.method.decode("ascii", "replace"),
             "uri": request.uri.decode("ascii", "replace")[:500],
             "status": request.code,
@@ -56,6 +56,5 @@ class MirrorSite(server.Site):
             f"{fields['ms']:.2f}ms {fields['outcome']} {fields['registry']}{' aborted' if aborted else ''}"
         )
         log.info("{line}", line=line, aborted=aborted, **fields)
-        mirror = getattr(self.resource, "mirror", None)
         if mirror is not None:
             mirror.request_done(request, aborted)

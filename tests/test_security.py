@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from dioproxy import auth
 from dioproxy.config import ConfigError, build_config
-from dioproxy.policy import RateLimiter
+from dioproxy.policy import ClientAddresses, RateLimiter
 from dioproxy.service import Options, makeService
 from tests.harness import Proxy, start_upstream
 
@@ -113,15 +113,28 @@ class AccessRuleTests(unittest.TestCase):
 
 class RateLimitTests(unittest.TestCase):
     def test_forwarded_for_only_from_trusted_proxies(self):
-        limiter = RateLimiter(1, 1, ("127.0.0.1", "10.0.0.0/8"), lambda: 0.0)
-        self.assertEqual(limiter.client("127.0.0.1", "203.0.113.9"), "203.0.113.9")
-        self.assertEqual(limiter.client("127.0.0.1", "198.51.100.1, 10.1.2.3"), "198.51.100.1")
-        self.assertEqual(limiter.client("198.51.100.7", "203.0.113.9"), "198.51.100.7", "untrusted peer")
-        self.assertEqual(limiter.client("127.0.0.1", None), "127.0.0.1")
+        addresses = ClientAddresses(("127.0.0.1", "10.0.0.0/8"))
+        self.assertEqual(addresses.of("127.0.0.1", "203.0.113.9"), "203.0.113.9")
+        self.assertEqual(addresses.of("127.0.0.1", "198.51.100.1, 10.1.2.3"), "198.51.100.1")
+        self.assertEqual(addresses.of("198.51.100.7", "203.0.113.9"), "198.51.100.7", "untrusted peer")
+        self.assertEqual(addresses.of("127.0.0.1", None), "127.0.0.1")
+
+    @defer.inlineCallbacks
+    def test_access_log_names_the_client_behind_a_trusted_proxy(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        fake = start_upstream(self)
+        trusting = Proxy(self, fake.registry_url, rate_limit={"trusted_proxies": ["127.0.0.0/8"]})
+        wary = Proxy(self, fake.registry_url)
+        for proxy in (trusting, wary):
+            yield (yield proxy.get("/v2/", headers={"X-Forwarded-For": ["192.0.2.7"]})).content()
+        clients = [e["client"] for e in events if e.get("log_namespace") == "dioproxy.access"]
+        self.assertEqual(clients, ["192.0.2.7", "127.0.0.1"])
 
     def test_bucket(self):
         now = [0.0]
-        limiter = RateLimiter(2, 3, (), lambda: now[0])
+        limiter = RateLimiter(2, 3, lambda: now[0])
         self.assertEqual([limiter.retry_after("a") for _ in range(3)], [0, 0, 0])
         self.assertAlmostEqual(limiter.retry_after("a"), 0.5)
         self.assertEqual(limiter.retry_after("b"), 0, "buckets are per client")
