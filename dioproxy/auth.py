@@ -48,9 +48,9 @@ class Htpasswd:
                 self.users[user.decode()] = hashed
         if not self.users:
             raise HtpasswdError(f"{path}: no users")
-        # A stand-in of the same cost, so an unknown user takes as long to refuse as a wrong password.
-        cost = int(next(iter(self.users.values()))[4:6])
-        self._dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
+        # Unknown users are checked against a real user's hash (the same cost, so the same time) and then refused:
+        # the answer's timing does not tell which users exist, and nothing is hashed on the reactor at start.
+        self._stand_in = next(iter(self.users.values()))
         self._verified: dict[bytes, float] = {}
         self._clock = clock
 
@@ -58,7 +58,7 @@ class Htpasswd:
         key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
         if self._verified.get(key, 0) > self._clock():
             return True
-        hashed = self.users.get(user, self._dummy)
+        hashed = self.users.get(user, self._stand_in)
         ok = await threads.deferToThread(bcrypt.checkpw, password.encode(), hashed)
         if ok and user in self.users:
             if len(self._verified) > 10_000:
