@@ -214,10 +214,7 @@ class Manifests:
                 return Manifest(entry.digest, cached[0], cached[1], "hit")
         try:
             digest = await self._head(target, tag) if entry is not None else None
-            if digest is not None and self.store.get(digest) is not None:
-                self.tags.put(registry, name, tag, _touched(entry, digest, self.store.get(digest), now))
-                return await self._by_digest(target, digest, "hit")
-            if digest is not None:
+            if digest is not None:  # a hit if the digest is one we hold, else its body is fetched once
                 manifest = await self._by_digest(target, digest)
             else:
                 media_type, body = await self._fetch(target, tag)
@@ -285,7 +282,3 @@ def _mismatch(target: Target, digest: str) -> RegistryError:
     return RegistryError(
         502, "DIGEST_INVALID", f"upstream {target.registry} sent a manifest that does not match {digest}"
     )
-
-
-def _touched(entry: TagEntry, digest: str, cached: tuple[str, bytes], now: float) -> TagEntry:
-    return TagEntry(digest, cached[0], len(cached[1]), now)

@@ -80,12 +80,6 @@ class Mirror:
         self.addresses = ClientAddresses(security.trusted_proxies)
         self.limiter = RateLimiter(security.rate, security.burst, reactor.seconds) if security.rate else None
 
-    def client_address(self, request: Any) -> str:
-        """The address a request comes from: ``X-Forwarded-For`` counts only from ``rate_limit.trusted_proxies``."""
-        forwarded = request.getHeader("X-Forwarded-For")
-        peer = getattr(request.getClientAddress(), "host", "-")
-        return self.addresses.of(peer, forwarded.decode("latin-1") if isinstance(forwarded, bytes) else forwarded)
-
     def route(self, name: str, ns: str | None = None, host: str | None = None) -> Target:
         """The upstream repository for a request; 404 for unknown registries, 403 for denied repositories."""
         target = resolve(self.config, name, ns, host)

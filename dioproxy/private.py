@@ -51,9 +51,11 @@ class PrivateContent:
 
     def mark(self, target: Target, digest: str) -> None:
         """Record that ``target`` holds ``digest``, if the content comes with credentials."""
-        if target.upstream.credentials is None and self.seen(digest) is None:
-            return
-        repositories = self.seen(digest) or set()
+        repositories = self.seen(digest)
+        if repositories is None:
+            if target.upstream.credentials is None:
+                return
+            repositories = set()
         key = f"{target.registry}/{target.name}"
         if key in repositories:
             return

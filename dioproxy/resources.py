@@ -26,6 +26,7 @@ from dioproxy.metrics import MetricsPage
 from dioproxy.mirror import Mirror
 from dioproxy.names import check_digest, check_reference
 from dioproxy.routing import Target
+from dioproxy.site import client_address
 from dioproxy.streaming import UpstreamPipe, parse_range, stream_file
 from dioproxy.upstream import abandon, discard, header, read_limited
 
@@ -101,7 +102,7 @@ class Endpoint(resource.Resource):
             return render_error(request, unsupported(method))
         limiter = self.mirror.limiter
         if limiter is not None:
-            wait = limiter.retry_after(self.mirror.client_address(request))
+            wait = limiter.retry_after(client_address(request, self.mirror.addresses))
             if wait:
                 error = RegistryError(429, "TOOMANYREQUESTS", "too many requests from this client")
                 error.headers["Retry-After"] = str(max(1, math.ceil(wait)))

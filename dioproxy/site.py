@@ -9,8 +9,16 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from dioproxy.channel import MirrorChannel
+from dioproxy.policy import ClientAddresses
 
 log = Logger(namespace="dioproxy.access")
+
+
+def client_address(request: server.Request, addresses: ClientAddresses) -> str:
+    """Who sent a request: ``X-Forwarded-For`` counts only from ``rate_limit.trusted_proxies``."""
+    forwarded = request.getHeader("X-Forwarded-For")
+    peer = getattr(request.getClientAddress(), "host", "-")
+    return addresses.of(peer, forwarded.decode("latin-1") if isinstance(forwarded, bytes) else forwarded)
 
 
 class MirrorRequest(server.Request):
@@ -41,7 +49,9 @@ class MirrorSite(server.Site):
         request.dioproxy_logged = True
         mirror = getattr(self.resource, "mirror", None)
         fields = {
-            "client": mirror.client_address(request) if mirror else getattr(request.getClientAddress(), "host", "-"),
+            "client": client_address(request, mirror.addresses)
+            if mirror
+            else getattr(request.getClientAddress(), "host", "-"),
             "method": request.method.decode("ascii", "replace"),
             "uri": request.uri.decode("ascii", "replace")[:500],
             "status": request.code,

@@ -68,7 +68,6 @@ class FileStreamer:
         self.pos = start
         self.end = end
         self.fill = fill
-        self.sent = 0
         self._paused = False
         self._stopped = False
         self._waiting = False
@@ -101,7 +100,6 @@ class FileStreamer:
                 log.error("cache file shrank under a reader at {pos}", pos=self.pos)
                 return self._close(abort=True)
             self.pos += len(data)
-            self.sent += len(data)
             self.request.write(data)
 
     def _progress(self, _: Any) -> None:
@@ -168,7 +166,6 @@ class SendfileStreamer(FileStreamer):
                 log.error("cache file shrank under a reader at {pos}", pos=self.pos)
                 return self._close(abort=True)
             self.pos += sent
-            self.sent += sent
             self.request.sentLength += sent
             budget -= sent
         if self.pos >= self.end:
@@ -205,7 +202,6 @@ class UpstreamPipe(protocol.Protocol):
         self.digest = digest
         self.sha = hashlib.sha256() if digest else None
         self.held = b""
-        self.sent = 0
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self.transport, True)
@@ -213,16 +209,12 @@ class UpstreamPipe(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.sha is None:
-            self._write(data)
+            self.request.write(data)
             return
         self.sha.update(data)
         self.held, data = data, self.held
         if data:
-            self._write(data)
-
-    def _write(self, data: bytes) -> None:
-        self.sent += len(data)
-        self.request.write(data)
+            self.request.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:
         if self.request._disconnected or self.request.finished:
@@ -235,5 +227,5 @@ class UpstreamPipe(protocol.Protocol):
         if not complete:
             return _abort(self.request)
         if self.held:
-            self._write(self.held)
+            self.request.write(self.held)
         self.request.finish()
