@@ -313,7 +313,7 @@ class Tags(Endpoint):
 
     async def handle(self, request: server.Request, head: bool) -> None:
         target = self.target(request)
-        query = {k: arg(request, k) for k in ("n", "last") if arg(request, k) is not None}
+        query = {k: v for k in ("n", "last") if (v := arg(request, k)) is not None}
         path = f"/v2/{target.name}/tags/list" + ("?" + urlencode(query) if query else "")
         request.dioproxy_outcome = "pass"
         response = await self.mirror.client(target).request("GET", path, target.name)
