@@ -19,6 +19,7 @@ from dioproxy.fill import FillManager
 from dioproxy.manifests import Manifests, ManifestStore, TagIndex
 from dioproxy.metrics import CountingTokenCache, Metrics
 from dioproxy.policy import ClientAddresses, RateLimiter, check_access
+from dioproxy.pools import Pools
 from dioproxy.private import PrivateContent
 from dioproxy.reload import apply_config
 from dioproxy.routing import Target, resolve
@@ -30,6 +31,8 @@ class Mirror:
         self.config = config
         self.reactor = reactor
         self.metrics = Metrics()
+        #: Threads for blocking work (bcrypt, disk, the cache index), apart from the reactor's own pool.
+        self.pools = Pools(reactor)
         self.storage = IndexedStorage(config.cache_dir) if config.cache_enabled else None
         self.pool = make_pool(reactor)
         self.own_http = http is None  # a reload may rebuild our own client (connect timeout), not an injected one
@@ -138,7 +141,12 @@ class Mirror:
     def close(self) -> Any:
         """Drop the upstream connections we keep for reuse, stop the cache bound's timers (a Deferred)."""
         stopped = self.cache.stop() if self.cache else defer.succeed(None)
-        return defer.gatherResults([self.pool.closeCachedConnections(), stopped])
+        closed = defer.gatherResults([self.pool.closeCachedConnections(), stopped])
+        return closed.addBoth(self._stop_pools)
+
+    def _stop_pools(self, result: Any) -> Any:
+        self.pools.stop()  # after the snapshot, which runs in one of them
+        return result
 
     def start(self) -> int:
         """Prepare the cache before serving: drop what an earlier crash left half-written; index it (in a thread)."""
