@@ -151,6 +151,8 @@ class CacheBound:
         self._ready_waiters: list[defer.Deferred] = []
         self._scan: defer.Deferred | None = None
         self._stopped = False
+        #: ``f(kind, digest)`` after an entry was evicted, for state kept about it elsewhere (private records).
+        self.on_evict: list[Callable[[str, str], None]] = []
         storage.on_store = self.added
 
     # -- life ------------------------------------------------------------------------------------------------
@@ -400,6 +402,8 @@ class CacheBound:
             log.warn("cannot evict {kind} {digest}: {e}", kind=kind, digest=digest, e=e)
             return defer.succeed(0)
         self._dirty = True
+        for hook in self.on_evict:
+            hook(kind, digest)
         if self.metrics is not None:
             self.metrics.evicted(kind, reason, entry[0])
         log.debug(
