@@ -19,34 +19,39 @@ DOC_PROXY_PORT = 8004
 DOC_CONFIG = "/etc/dioproxy/config.yaml"
 
 
-def docker_daemon_json(mirror: str) -> dict:
+def docker_daemon_json(mirror: str, secure: bool = False) -> dict:
     """``/etc/docker/daemon.json``: dockerd uses ``registry-mirrors`` for docker.io images only; the mirror URL is
-    a bare origin. ``insecure-registries`` lets ``docker pull MIRROR/library/hello:1.0`` talk plain HTTP too."""
+    a bare origin. ``insecure-registries`` lets ``docker pull MIRROR/library/hello:1.0`` talk plain HTTP too
+    (``secure``: the mirror answers HTTPS, behind nginx with TLS, and needs neither)."""
+    if secure:
+        return {"registry-mirrors": [f"https://{mirror}"]}
     return {"registry-mirrors": [f"http://{mirror}"], "insecure-registries": [mirror]}
 
 
-def render_docker_daemon_json(mirror: str) -> str:
-    return json.dumps(docker_daemon_json(mirror), indent=2) + "\n"
+def render_docker_daemon_json(mirror: str, secure: bool = False) -> str:
+    return json.dumps(docker_daemon_json(mirror, secure), indent=2) + "\n"
 
 
-def podman_registries_conf(mirror: str, registries: Sequence[str] = ("ghcr.io",)) -> str:
+def podman_registries_conf(mirror: str, registries: Sequence[str] = ("ghcr.io",), secure: bool = False) -> str:
     """``/etc/containers/registries.conf`` (or a drop-in in ``registries.conf.d/``) for podman, buildah, skopeo.
 
     docker.io is mirrored at the proxy's root; any other registry at the proxy with a path prefix naming it, which
     the proxy routes by its first path segment. The last block allows plain HTTP for direct pulls of
-    ``MIRROR/library/hello:1.0``.
+    ``MIRROR/library/hello:1.0`` (``secure``: HTTPS, no ``insecure`` lines).
     """
+    insecure = "" if secure else "insecure = true\n"
     blocks = [
         'unqualified-search-registries = ["docker.io"]\n',
         f'[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n\n'
-        f'[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n',
+        f'[[registry.mirror]]\nlocation = "{mirror}"\n{insecure}',
     ]
     for registry in registries:
         blocks.append(
             f'[[registry]]\nprefix = "{registry}"\nlocation = "{registry}"\n\n'
-            f'[[registry.mirror]]\nlocation = "{mirror}/{registry}"\ninsecure = true\n'
+            f'[[registry.mirror]]\nlocation = "{mirror}/{registry}"\n{insecure}'
         )
-    blocks.append(f'[[registry]]\nlocation = "{mirror}"\ninsecure = true\n')
+    if not secure:
+        blocks.append(f'[[registry]]\nlocation = "{mirror}"\n{insecure}')
     return "\n".join(blocks)
 
 
@@ -54,13 +59,19 @@ def podman_registries_conf(mirror: str, registries: Sequence[str] = ("ghcr.io",)
 CONTAINERD_SERVERS = {"docker.io": "https://registry-1.docker.io", "ghcr.io": "https://ghcr.io"}
 
 
-def containerd_hosts_toml(mirror: str, registry: str | None) -> str:
+def containerd_hosts_toml(mirror: str, registry: str | None, secure: bool = False) -> str:
     """``/etc/containerd/certs.d/<registry>/hosts.toml``; ``registry=None`` renders ``_default/hosts.toml``, which
     applies to every registry without its own directory. containerd adds ``?ns=<registry>`` to each request."""
     head = ""
     if registry is not None:
         head = f'server = "{CONTAINERD_SERVERS.get(registry, "https://" + registry)}"\n\n'
-    return f'{head}[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+    scheme = "https" if secure else "http"
+    return f'{head}[host."{scheme}://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+
+
+def containerd_cri_config() -> str:
+    """The lines of ``/etc/containerd/config.toml`` that make Kubernetes' CRI plugin read the hosts.toml files."""
+    return 'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "/etc/containerd/certs.d"\n'
 
 
 ACCEL_PREFIX = "/_dioproxy/blobs/"
@@ -183,6 +194,7 @@ def doc_snippets() -> dict[str, str]:
         "certs.d/docker.io/hosts.toml": containerd_hosts_toml(DOC_MIRROR, "docker.io"),
         "certs.d/ghcr.io/hosts.toml": containerd_hosts_toml(DOC_MIRROR, "ghcr.io"),
         "certs.d/_default/hosts.toml": containerd_hosts_toml(DOC_MIRROR, None),
+        "config.toml, Kubernetes": containerd_cri_config(),
         "nginx site": nginx_site_conf("80", "mirror.example.internal", f"127.0.0.1:{DOC_PROXY_PORT}"),
         "nginx site, accel": nginx_site_conf(
             "80", "mirror.example.internal", f"127.0.0.1:{DOC_PROXY_PORT}", "/var/cache/dioproxy"
