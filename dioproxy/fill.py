@@ -61,9 +61,10 @@ def is_disk_full(error: BaseException | None) -> bool:
 class Fill:
     """A download of one blob in progress, readable by any number of followers."""
 
-    def __init__(self, digest: str, path: str) -> None:
+    def __init__(self, digest: str, path: str, started: float = 0.0) -> None:
         self.digest = digest
         self.path = path
+        self.started = started  # reactor time: the status page shows the fill's rate
         self.size: int | None = None
         self.written = 0
         self.done = False
@@ -277,12 +278,11 @@ class FillManager:
                 self._disk_full()
                 raise DiskFull() from e
             raise
-        fill = Fill(digest, path)
+        fill = Fill(digest, path, self.reactor.seconds())
         self.fills[digest] = fill
         runner = _FillRunner(fill, fd, client, name, self)
-        began = self.reactor.seconds()
         d = defer.ensureDeferred(runner.run())
-        d.addBoth(self._finished, fill, fd, began)
+        d.addBoth(self._finished, fill, fd, fill.started)
         return fill
 
     def _finished(self, result: Any, fill: Fill, fd: int, began: float) -> None:

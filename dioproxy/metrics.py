@@ -167,6 +167,8 @@ class Metrics:
         )
         self.last_reload.set(time.time())
         Gauge("build_info", "dioproxy version", ["version"], namespace=ns, registry=r).labels(__version__).set(1)
+        #: The last rate-limit budget each upstream announced: ``{"remaining", "limit", "at"}`` (the status page).
+        self.ratelimits: dict[str, dict[str, Any]] = {}
         self._state: Callable[[], dict[str, Any]] = dict
         r.register(_StateCollector(self))
 
@@ -202,6 +204,8 @@ class Metrics:
         remaining = parse_ratelimit(_header(response, "ratelimit-remaining"))
         if remaining is not None:
             self.ratelimit_remaining.labels(registry).set(remaining)
+            limit = parse_ratelimit(_header(response, "ratelimit-limit"))
+            self.ratelimits[registry] = {"remaining": remaining, "limit": limit, "at": time.time()}
         if method == "GET" and code in (200, 206) and isinstance(response.length, int):
             self.upstream_bytes.labels(registry).inc(response.length)
 

@@ -23,6 +23,7 @@ from dioproxy.pools import Pools
 from dioproxy.private import PrivateContent
 from dioproxy.reload import apply_config
 from dioproxy.routing import Target, resolve
+from dioproxy.status import StatusBoard
 from dioproxy.upstream import TokenCache, UpstreamClient, make_http_client, make_pool
 
 
@@ -70,6 +71,8 @@ class Mirror:
         )
         self.apply_security(config)
         self.metrics.watch(self.state)
+        #: Traffic history and the most pulled repositories, for the status page.
+        self.status = StatusBoard()
 
     def apply_security(self, config: Config) -> None:
         """The login gate and the rate limiter for ``config.security`` (at start, and on a reload that changes it)."""
@@ -133,8 +136,9 @@ class Mirror:
         return state
 
     def request_done(self, request: Any, aborted: bool = False) -> None:
-        """Called by the site once per request, with its access-log line: metrics and manifest last use."""
+        """Called by the site once per request, with its access-log line: metrics, status page, manifest last use."""
         self.metrics.request_done(request, aborted)
+        self.status.request_done(request)
         if self.cache:
             self.cache.request_done(request)
 

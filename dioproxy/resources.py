@@ -18,7 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
-from dioproxy.auth import scope_repositories
+from dioproxy import status, statuspage
+from dioproxy.auth import SERVICE, scope_repositories
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown, unsupported
 from dioproxy.fill import DiskFull
 from dioproxy.manifests import INDEX_TYPES
@@ -124,6 +125,7 @@ class Endpoint(resource.Resource):
     def target(self, request: server.Request) -> Target:
         target = self.mirror.route(self.name, arg(request, "ns"), request_header(request, "Host"))
         request.dioproxy_registry = target.registry
+        request.dioproxy_repository = target.name  # for the status page's most pulled repositories
         request.setHeader("OCI-Namespace", target.registry)
         return target
 
@@ -447,6 +449,36 @@ class Health(resource.Resource):
         return b'{"status":"ok"}'
 
 
+class Status(Endpoint):
+    """``/``: the status page for a browser, the same data as JSON for ``Accept: application/json``.
+
+    Behind the same login as ``/v2/`` when the mirror is closed; the challenge is Basic, which a browser can answer.
+    """
+
+    async def _serve(self, request: server.Request, head: bool) -> None:
+        try:
+            await super()._serve(request, head)
+        except RegistryError as e:
+            if e.status == 401:
+                e.headers["WWW-Authenticate"] = f'Basic realm="{SERVICE}"'
+            raise
+
+    async def handle(self, request: server.Request, head: bool) -> None:
+        data = status.page_data(self.mirror, base_url(request))
+        request.setHeader("Vary", "Accept")
+        request.setHeader("Cache-Control", "no-store")
+        if _wants_json(request):
+            return self.finish(request, json.dumps(data).encode(), "application/json", head)
+        request.setHeader("Content-Security-Policy", statuspage.CSP)
+        request.setHeader("X-Content-Type-Options", "nosniff")
+        self.finish(request, statuspage.render(data).encode(), "text/html; charset=utf-8", head)
+
+
+def _wants_json(request: server.Request) -> bool:
+    accept = request_header(request, "Accept") or ""
+    return "application/json" in accept and "text/html" not in accept
+
+
 class Root(resource.Resource):
     def __init__(self, mirror: Mirror) -> None:
         super().__init__()
@@ -457,4 +489,6 @@ class Root(resource.Resource):
         self.mirror = mirror  # the site reports each finished request to it (metrics, cache last use)
 
     def getChild(self, segment: bytes, request: server.Request) -> resource.Resource:
+        if segment == b"" and not request.postpath:
+            return Status(self.mirror)
         return ErrorPage(RegistryError(404, "NOT_FOUND", "not found: this is a registry mirror, see /v2/"))
