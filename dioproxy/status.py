@@ -254,59 +254,60 @@ def _cache(mirror: Any) -> dict[str, Any] | None:
     }
 
 
-def client_snippets(address: str, registries: list[str], default: str, secure: bool) -> list[dict[str, str]]:
-    """The files a user copies to point each client at this mirror (the same templates as ``client-config``)."""
+def client_snippets(address: str, registries: list[str], default: str, secure: bool) -> list[dict[str, Any]]:
+    """Per client, the files a user copies to point it at this mirror (the templates ``client-config`` prints)
+    and the command to run next."""
     others = [r for r in registries if r != "docker.io"]
     example = "alpine:latest" if default == "docker.io" else f"{default}/IMAGE:TAG"
-    items = []
+    containerd = [
+        {
+            "path": f"/etc/containerd/certs.d/{registry}/hosts.toml",
+            "text": snippets.containerd_hosts_toml(address, registry, secure),
+        }
+        for registry in registries
+    ]
+    containerd.append(
+        {
+            "path": "/etc/containerd/certs.d/_default/hosts.toml",
+            "text": snippets.containerd_hosts_toml(address, None, secure),
+        }
+    )
+    clients = []
     if "docker.io" in registries:
-        items.append(
+        clients.append(
             {
                 "client": "Docker",
-                "path": "/etc/docker/daemon.json",
-                "text": snippets.render_docker_daemon_json(address, secure),
+                "files": [
+                    {"path": "/etc/docker/daemon.json", "text": snippets.render_docker_daemon_json(address, secure)}
+                ],
                 "then": "sudo systemctl reload docker   # dockerd mirrors docker.io images only",
             }
         )
-    items.append(
+    clients += [
         {
             "client": "Podman, Buildah, Skopeo",
-            "path": "/etc/containers/registries.conf.d/50-dioproxy.conf",
-            "text": snippets.podman_registries_conf(address, others, secure),
+            "files": [
+                {
+                    "path": "/etc/containers/registries.conf.d/50-dioproxy.conf",
+                    "text": snippets.podman_registries_conf(address, others, secure),
+                }
+            ],
             "then": f"podman pull {example}",
-        }
-    )
-    for registry in registries:
-        items.append(
-            {
-                "client": "containerd",
-                "path": f"/etc/containerd/certs.d/{registry}/hosts.toml",
-                "text": snippets.containerd_hosts_toml(address, registry, secure),
-                "then": "",
-            }
-        )
-    items.append(
+        },
         {
             "client": "containerd",
-            "path": "/etc/containerd/certs.d/_default/hosts.toml",
-            "text": snippets.containerd_hosts_toml(address, None, secure),
+            "files": containerd,
             "then": "ctr images pull --hosts-dir /etc/containerd/certs.d docker.io/library/alpine:latest",
-        }
-    )
-    items.append(
+        },
         {
             "client": "nerdctl",
-            "path": "/etc/containerd/certs.d/<registry>/hosts.toml",
-            "text": "# nerdctl reads the containerd hosts.toml files above (its default --hosts-dir)\n",
-            "then": f"nerdctl pull {example}",
-        }
-    )
-    items.append(
+            "files": [],
+            "then": f"nerdctl pull {example}   # reads the containerd hosts.toml files above (its default --hosts-dir)",
+        },
         {
             "client": "Kubernetes (containerd CRI)",
-            "path": "/etc/containerd/config.toml",
-            "text": snippets.containerd_cri_config(),
-            "then": "sudo systemctl restart containerd   # with the hosts.toml files above on every node",
-        }
-    )
-    return items
+            "files": [{"path": "/etc/containerd/config.toml", "text": snippets.containerd_cri_config()}],
+            "then": "sudo systemctl restart containerd   # on every node, with the containerd hosts.toml files",
+        },
+    ]
+    return clients

@@ -39,8 +39,8 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .muted{color:var(--muted)}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff}
 .ok{background:var(--ok)}.offline,.failing{background:var(--bad)}.unknown{background:#8a94a3}
-.cards{display:flex;flex-wrap:wrap;gap:12px}
-.card{flex:1 1 180px;border:1px solid var(--line);border-radius:6px;padding:8px 12px}
+.cards{display:grid;grid-template-columns:repeat(3,1fr);gap:12px}
+.card{border:1px solid var(--line);border-radius:6px;padding:8px 12px}
 .card b{display:block;font-size:20px}
 progress{width:100%;height:14px}
 .bar{height:14px;background:#e8ebef;border-radius:7px;overflow:hidden}
@@ -48,6 +48,7 @@ progress{width:100%;height:14px}
 pre{background:#f1f3f6;border:1px solid var(--line);border-radius:6px;padding:8px 10px;overflow:auto;margin:4px 0}
 code{font:12.5px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 details{border-top:1px solid var(--line);padding:6px 0}summary{cursor:pointer;font-weight:600}
+p.path{margin:8px 0 0}pre.then{background:#1f2a3a;color:#e8ecf1}
 .legend span{display:inline-block;width:10px;height:10px;border-radius:2px;margin:0 4px 0 12px}
 svg text{font:11px system-ui,sans-serif;fill:var(--muted)}
 .err{color:var(--bad);word-break:break-word}
@@ -313,10 +314,14 @@ def _use(data: dict[str, Any]) -> str:
     host = data["url"].split("://", 1)[-1]
     items = []
     for i, item in enumerate(data["snippets"]):
-        then = f"<pre><code>{esc(item['then'])}</code></pre>" if item["then"] else ""
+        files = "".join(
+            f'<p class="path"><code>{esc(f["path"])}</code></p><pre><code>{esc(f["text"])}</code></pre>'
+            for f in item["files"]
+        )
+        then = f'<pre class="then"><code>{esc(item["then"])}</code></pre>' if item["then"] else ""
         items.append(
-            f'<details class="snippet"{" open" if i == 0 else ""}><summary>{esc(item["client"])}: '
-            f"<code>{esc(item['path'])}</code></summary><pre><code>{esc(item['text'])}</code></pre>{then}</details>"
+            f'<details class="snippet"{" open" if i == 0 else ""}><summary>{esc(item["client"])}</summary>'
+            f"{files}{then}</details>"
         )
     login = (
         f"<p>This mirror requires a login: <code>docker login {esc(host)}</code> (or <code>podman login</code>) "

@@ -142,8 +142,9 @@ class BoardTests(unittest.TestCase):
 
     def test_snippets_come_from_the_client_config_templates(self):
         items = {
-            item["path"]: item["text"]
+            f["path"]: f["text"]
             for item in client_snippets("m.test:5000", ["docker.io", "ghcr.io"], "docker.io", False)
+            for f in item["files"]
         }
         self.assertEqual(items["/etc/docker/daemon.json"], snippets.render_docker_daemon_json("m.test:5000"))
         self.assertEqual(
@@ -159,11 +160,11 @@ class BoardTests(unittest.TestCase):
 
     def test_https_snippets_have_no_plain_http(self):
         secure = client_snippets("m.test", ["docker.io", "ghcr.io"], "docker.io", True)
-        text = "".join(item["text"] for item in secure)
+        text = "".join(f["text"] for item in secure for f in item["files"])
         self.assertIn("https://m.test", text)
         self.assertNotIn("http://", text)
         self.assertNotIn("insecure", text)
-        self.assertEqual(json.loads(secure[0]["text"]), {"registry-mirrors": ["https://m.test"]})
+        self.assertEqual(json.loads(secure[0]["files"][0]["text"]), {"registry-mirrors": ["https://m.test"]})
 
 
 def basic(user: str, password: str) -> dict:
@@ -192,7 +193,7 @@ class PageTests(unittest.TestCase):
         yield puller.pull(image)
         data = yield self.get_json({"Host": ["mirror.test:5000"]})
         self.assertEqual(data["url"], "http://mirror.test:5000")
-        texts = "".join(s["text"] for s in data["snippets"])
+        texts = "".join(f["text"] for client in data["snippets"] for f in client["files"])
         self.assertIn('"http://mirror.test:5000"', texts, "the snippets name the address the client reached")
         [row] = data["popular"]
         served = len(image.body) * 2 + sum(len(b) for b in image.blobs.values()) * 2
