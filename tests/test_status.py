@@ -115,6 +115,7 @@ class PopularTests(unittest.TestCase):
                 popular.add("docker.io", "library/hot", 1, float(i), f"t{i}", None)
         self.assertEqual(len(popular.repositories), 10)
         self.assertIn(("docker.io", "library/hot"), popular.repositories, "what is pulled often stays")
+        self.assertEqual(popular.repositories[("docker.io", "library/hot")]["pulls"], 1 + 200, "and keeps its count")
         self.assertLessEqual(len(popular.repositories[("docker.io", "library/hot")]["tags"]), 3)
         self.assertEqual(popular.top(n=1)[0]["repository"], "library/hot")
 
