@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import quote
 
-from dioproxy import __version__, snippets
+from dioproxy import __version__, names, snippets
 from dioproxy.cachedir import BLOB, MANIFEST, entry_path, last_use, references, scan, tags
 from dioproxy.config import ConfigError, load_config, parse_duration
 from dioproxy.manifests import INDEX_TYPES
-from dioproxy.names import check_digest, check_name, check_reference, looks_like_host
+from dioproxy.names import ImageRef, check_digest
+from dioproxy.prefetch import blobs_of, platform_of, select_platforms
 from dioproxy.storage import read_manifest
 from dioproxy.upstream import MANIFEST_TYPES
 
@@ -50,41 +51,11 @@ class AdminError(Exception):
 # -- image references ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ImageRef:
-    registry: str
-    name: str
-    reference: str  # tag or digest; None-free: "latest" by default
-
-    def __str__(self) -> str:
-        sep = "@" if ":" in self.reference else ":"
-        return f"{self.registry}/{self.name}{sep}{self.reference}"
-
-
 def parse_image(text: str, default_tag: str | None = "latest") -> ImageRef:
-    """``[registry/]name[:tag][@digest]``, as ``docker pull`` reads it (``alpine`` is ``docker.io/library/alpine``)."""
-    rest, _, digest = text.partition("@")
-    first, sep, remainder = rest.partition("/")
-    if sep and (looks_like_host(first) or first == "localhost"):
-        registry, rest = first, remainder
-    else:
-        registry = "docker.io"
-    name, reference = rest, default_tag
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > slash:
-        name, reference = name[:colon], name[colon + 1 :]
-    if digest:
-        reference = digest
-    if registry == "docker.io" and "/" not in name:
-        name = "library/" + name
     try:
-        check_name(name)
-        if reference is not None:
-            check_reference(reference)
-    except Exception as e:
-        raise AdminError(f"{text!r} is not an image reference ({getattr(e, 'message', e)})") from None
-    return ImageRef(registry, name, reference or "")
+        return names.parse_image(text, default_tag)
+    except ValueError as e:
+        raise AdminError(str(e)) from None
 
 
 # -- prefetch ------------------------------------------------------------------------------------------------------
@@ -185,16 +156,6 @@ class ProxyClient:
         return size
 
 
-def _platform(entry: dict) -> str:
-    p = entry.get("platform") or {}
-    text = f"{p.get('os', '?')}/{p.get('architecture', '?')}"
-    return text + (f"/{p['variant']}" if p.get("variant") else "")
-
-
-def _wanted(platform: str, wanted: list[str]) -> bool:
-    return not wanted or any(platform == w or platform.startswith(w + "/") for w in wanted)
-
-
 def prefetch(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     client = ProxyClient(args.proxy, args.timeout)
     failed = 0
@@ -203,23 +164,15 @@ def prefetch(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
             image = parse_image(text)
             digest, media_type, body = client.manifest(image, image.reference)
             manifests = [(digest, media_type, body, None)]
-            if media_type in INDEX_TYPES:
-                manifests = []
-                entries = json.loads(body).get("manifests", [])
-                for entry in entries:
-                    platform = _platform(entry)
-                    if _wanted(platform, args.platform):
-                        child = client.manifest(image, entry["digest"])
-                        manifests.append((*child, platform))
-                if not manifests:
-                    available = ", ".join(sorted({_platform(e) for e in entries}))
-                    raise AdminError(f"{image}: no manifest for {', '.join(args.platform)} (has: {available})")
             blobs: dict[str, int] = {}
-            for _, _, manifest_body, _ in manifests:
-                doc = json.loads(manifest_body)
-                for descriptor in [doc.get("config") or {}, *(doc.get("layers") or [])]:
-                    if isinstance(descriptor.get("digest"), str):
-                        blobs[check_digest(descriptor["digest"])] = int(descriptor.get("size") or 0)
+            try:
+                if media_type in INDEX_TYPES:
+                    chosen = select_platforms(body, args.platform)
+                    manifests = [(*client.manifest(image, child), platform) for child, platform in chosen]
+                for _, _, manifest_body, _ in manifests:
+                    blobs.update(blobs_of(manifest_body))
+            except (ValueError, AttributeError, TypeError) as e:
+                raise AdminError(f"{image}: {e}") from None
             platforms = [p for *_, p in manifests if p]
             out.write(
                 f"{image}: {digest}"
@@ -283,7 +236,7 @@ def image_info(root: str, tag: Any) -> ImageInfo:
         children, layer_blobs = references(found[1])
         if children:
             with contextlib.suppress(ValueError, AttributeError):
-                platforms += [_platform(e) for e in json.loads(found[1]).get("manifests", [])]
+                platforms += [platform_of(e) for e in json.loads(found[1]).get("manifests", [])]
         pending += children
         blobs += [b for b in layer_blobs if b not in blobs]
     return ImageInfo(tag, manifests, blobs, platforms)

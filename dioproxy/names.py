@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from dioproxy.errors import digest_invalid, name_invalid, tag_invalid
 
@@ -43,3 +44,42 @@ def check_reference(reference: str) -> str:
 
 def looks_like_host(segment: str) -> bool:
     return bool(HOST_RE.fullmatch(segment))
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image as ``docker pull`` names it, resolved: ``alpine:3.19`` is docker.io, ``library/alpine``, ``3.19``."""
+
+    registry: str
+    name: str
+    reference: str  # tag or digest; "" when none was given and there is no default
+
+    def __str__(self) -> str:
+        sep = "@" if ":" in self.reference else ":"
+        return f"{self.registry}/{self.name}{sep}{self.reference}"
+
+
+def parse_image(text: str, default_tag: str | None = "latest") -> ImageRef:
+    """``[registry/]name[:tag][@digest]``, as ``docker pull`` reads it; ValueError names what is wrong."""
+    rest, _, digest = text.partition("@")
+    first, sep, remainder = rest.partition("/")
+    if sep and (looks_like_host(first) or first == "localhost"):
+        registry, rest = first, remainder
+    else:
+        registry = "docker.io"
+    name, reference = rest, default_tag
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        name, reference = name[:colon], name[colon + 1 :]
+    if digest:
+        reference = digest
+    if registry == "docker.io" and "/" not in name:
+        name = "library/" + name
+    try:
+        check_name(name)
+        if reference is not None:
+            check_reference(reference)
+    except Exception as e:
+        raise ValueError(f"{text!r} is not an image reference ({getattr(e, 'message', e)})") from None
+    return ImageRef(registry, name, reference or "")
