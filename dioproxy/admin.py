@@ -91,22 +91,31 @@ class Progress:
                 self.out.write(f"  {digest[:19]} {human(size):>9}  [{self.blobs_done}/{self.blobs}]\n")
                 self.out.flush()
 
+    def rate(self) -> float:
+        return self.done / max(1e-6, time.monotonic() - self.started)
+
     def _draw(self) -> None:
-        fraction = self.done / self.total if self.total else 1.0
+        fraction = min(1.0, self.done / self.total) if self.total else 1.0
         width = 30
         bar = "#" * int(fraction * width) + "." * (width - int(fraction * width))
-        rate = self.done / max(1e-6, time.monotonic() - self.started)
+        rate = self.rate()
+        eta = f"ETA {clock(max(0, self.total - self.done) / rate)}" if rate > 0 and self.done < self.total else ""
         self.out.write(
             f"\r[{bar}] {fraction * 100:5.1f}% {human(self.done)}/{human(self.total)} "
-            f"{self.blobs_done}/{self.blobs} blobs {human(rate)}/s "
+            f"{self.blobs_done}/{self.blobs} blobs {human(rate)}/s {eta:<9}"
         )
         self.out.flush()
 
     def finish(self) -> None:
-        if self.tty and not self.quiet:
+        if self.quiet:
+            return
+        if self.tty:
             self._draw()
             self.out.write("\n")
-            self.out.flush()
+        else:
+            elapsed = time.monotonic() - self.started
+            self.out.write(f"  done: {human(self.done)} in {clock(elapsed)} ({human(self.rate())}/s)\n")
+        self.out.flush()
 
 
 class ProxyClient:
@@ -539,6 +548,13 @@ def human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def clock(seconds: float) -> str:
+    """``m:ss`` (or ``h:mm:ss``) for a progress bar's elapsed time and ETA."""
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
 
@@ -548,6 +564,10 @@ def _duration(text: str) -> float:
         return parse_duration(text, "--older-than")
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _platforms(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -566,7 +586,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prefetch", help="warm the cache: pull images through a running proxy")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="alpine:3.19, ghcr.io/owner/img:tag, name@sha256:...")
     p.add_argument("--proxy", default="http://127.0.0.1:8004", help="the proxy's URL (default: %(default)s)")
-    p.add_argument("--platform", action="append", default=[], help="os/arch[/variant]; repeatable (default: all)")
+    p.add_argument(
+        "--platform",
+        action="extend",
+        type=_platforms,
+        default=[],
+        help="os/arch[/variant], comma-separated or repeated: linux/amd64,linux/arm64 (default: all)",
+    )
     p.add_argument("--jobs", "-j", type=int, default=4, help="blobs fetched at once (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before giving up")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from dioproxy.names import looks_like_host
+from dioproxy.names import looks_like_host, parse_image
 
 DEFAULT_UPSTREAMS = {
     "docker.io": "https://registry-1.docker.io",
@@ -71,6 +71,21 @@ class Security:
 
 
 @dataclass(frozen=True)
+class PrefetchImage:
+    """An image kept warm (``prefetch:``): its tag revalidated every ``every`` seconds, new digests fetched."""
+
+    registry: str
+    name: str
+    reference: str
+    platforms: tuple[str, ...] = ()  # os/arch[/variant]; empty: every platform
+    every: float = 3600.0
+
+    def __str__(self) -> str:
+        sep = "@" if ":" in self.reference else ":"
+        return f"{self.registry}/{self.name}{sep}{self.reference}"
+
+
+@dataclass(frozen=True)
 class Config:
     upstreams: dict[str, Upstream]
     hosts: dict[str, str] = field(default_factory=dict)
@@ -84,6 +99,7 @@ class Config:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     security: Security = field(default_factory=Security)
+    prefetch: tuple[PrefetchImage, ...] = ()
 
 
 def parse_duration(value: Any, key: str) -> float:
@@ -148,13 +164,26 @@ def _mapping(value: Any, key: str) -> dict:
     return value
 
 
-_TOP_KEYS = {"upstreams", "hosts", "cache", "default_registry", "timeouts", "auth", "access", "rate_limit", "tls"}
+_TOP_KEYS = {
+    "upstreams",
+    "hosts",
+    "cache",
+    "default_registry",
+    "timeouts",
+    "auth",
+    "access",
+    "rate_limit",
+    "tls",
+    "prefetch",
+}
 _CACHE_KEYS = {"dir", "tag_ttl", "enabled", "max_size", "max_age", "accel_redirect"}
 _UPSTREAM_KEYS = {"url", "username", "password"}
 _TIMEOUT_KEYS = {"connect", "read"}
 _AUTH_KEYS = {"htpasswd", "token_ttl", "secret"}
 _RATE_KEYS = {"rate", "burst", "trusted_proxies"}
 _TLS_KEYS = {"cert", "key"}
+_PREFETCH_KEYS = {"image", "platforms", "every"}
+_PLATFORM_RE = re.compile(r"[a-z0-9_]+/[a-z0-9_]+(?:/[a-z0-9_.]+)?")
 
 
 def _unknown(given: dict, allowed: set[str], where: str) -> None:
@@ -237,7 +266,39 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
         default_registry=default,
         connect_timeout=parse_duration(timeouts.get("connect", 10), "timeouts.connect"),
         read_timeout=parse_duration(timeouts.get("read", 60), "timeouts.read"),
+        prefetch=_prefetch(data.get("prefetch"), upstreams),
     )
+
+
+def _prefetch(value: Any, upstreams: dict[str, Upstream]) -> tuple[PrefetchImage, ...]:
+    """``prefetch:``, a list of ``{image, platforms, every}``; the image's registry must be configured."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError("prefetch: expected a list of {image, platforms, every}")
+    images = []
+    for i, spec in enumerate(value):
+        key = f"prefetch[{i}]"
+        spec = _mapping(spec, key)
+        _unknown(spec, _PREFETCH_KEYS, key + ".")
+        text = spec.get("image")
+        if not isinstance(text, str) or not text:
+            raise ConfigError(f"{key}.image: expected an image like library/alpine:3.20 or ghcr.io/owner/img:tag")
+        try:
+            image = parse_image(text)
+        except ValueError as e:
+            raise ConfigError(f"{key}.image: {e}") from None
+        if image.registry not in upstreams:
+            raise ConfigError(f"{key}.image: {image.registry!r} is not among the upstreams")
+        platforms = _strings(spec.get("platforms"), key + ".platforms")
+        for platform in platforms:
+            if not _PLATFORM_RE.fullmatch(platform):
+                raise ConfigError(f"{key}.platforms: {platform!r} is not os/arch[/variant] (like linux/arm64)")
+        every = parse_duration(spec.get("every", 3600), key + ".every")
+        if every <= 0:
+            raise ConfigError(f"{key}.every: must be more than 0")
+        images.append(PrefetchImage(image.registry, image.name, image.reference, platforms, every))
+    return tuple(images)
 
 
 def _strings(value: Any, key: str) -> tuple[str, ...]:

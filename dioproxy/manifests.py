@@ -171,12 +171,15 @@ class Manifests:
         self.store.drop_memory()
         self.tags.drop_memory()
 
-    async def get(self, target: Target, reference: str) -> Manifest:
-        """The manifest for a tag or digest; concurrent identical requests share one upstream exchange."""
-        key = (target.registry, target.name, reference)
-        return await self._flights.run(key, lambda: self._get(target, reference))
+    async def get(self, target: Target, reference: str, max_age: float | None = None) -> Manifest:
+        """The manifest for a tag or digest; concurrent identical requests share one upstream exchange.
 
-    async def _get(self, target: Target, reference: str) -> Manifest:
+        ``max_age`` trusts a cached tag for less than ``tag_ttl`` (0: revalidate now, as the keep-warm prefetch does).
+        """
+        key = (target.registry, target.name, reference)
+        return await self._flights.run(key, lambda: self._get(target, reference, max_age))
+
+    async def _get(self, target: Target, reference: str, max_age: float | None = None) -> Manifest:
         if not self.caching:
             media_type, body = await self._fetch(target, reference)
             digest = sha256_digest(body)
@@ -185,7 +188,7 @@ class Manifests:
             return Manifest(digest, media_type, body, "pass")
         if is_digest(reference):
             return await self._by_digest(target, reference)
-        return await self._by_tag(target, reference)
+        return await self._by_tag(target, reference, self.tag_ttl if max_age is None else min(max_age, self.tag_ttl))
 
     async def _by_digest(self, target: Target, digest: str, outcome: str = "hit") -> Manifest:
         cached = self.store.get(digest)
@@ -204,11 +207,11 @@ class Manifests:
             self.private.mark(target, digest)
         self.store.put(digest, media_type, body)
 
-    async def _by_tag(self, target: Target, tag: str) -> Manifest:
+    async def _by_tag(self, target: Target, tag: str, ttl: float) -> Manifest:
         registry, name = target.registry, target.name
         entry = self.tags.get(registry, name, tag)
         now = self.clock()
-        if entry is not None and now - entry.checked < self.tag_ttl:
+        if entry is not None and now - entry.checked < ttl:
             cached = self.store.get(entry.digest)
             if cached is not None:
                 return Manifest(entry.digest, cached[0], cached[1], "hit")

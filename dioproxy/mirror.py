@@ -20,6 +20,7 @@ from dioproxy.manifests import Manifests, ManifestStore, TagIndex
 from dioproxy.metrics import CountingTokenCache, Metrics
 from dioproxy.policy import ClientAddresses, RateLimiter, check_access
 from dioproxy.pools import Pools
+from dioproxy.prefetch import Prefetcher
 from dioproxy.private import PrivateContent
 from dioproxy.reload import apply_config
 from dioproxy.routing import Target, resolve
@@ -73,6 +74,8 @@ class Mirror:
         self.metrics.watch(self.state)
         #: Traffic history and the most pulled repositories, for the status page.
         self.status = StatusBoard()
+        #: The ``prefetch:`` list, kept warm on schedule (started by :meth:`start`).
+        self.prefetcher = Prefetcher(self)
 
     def apply_security(self, config: Config) -> None:
         """The login gate and the rate limiter for ``config.security`` (at start, and on a reload that changes it)."""
@@ -144,6 +147,7 @@ class Mirror:
 
     def close(self) -> Any:
         """Drop the upstream connections we keep for reuse, stop the cache bound's timers (a Deferred)."""
+        self.prefetcher.stop()
         stopped = self.cache.stop() if self.cache else defer.succeed(None)
         closed = defer.gatherResults([self.pool.closeCachedConnections(), stopped])
         return closed.addBoth(self._stop_pools)
@@ -157,4 +161,5 @@ class Mirror:
         removed = self.storage.clean_temp() if self.storage else 0
         if self.cache:
             self.cache.start()
+        self.prefetcher.start()
         return removed
