@@ -1,7 +1,7 @@
 """``dioproxy``: the operator's command. Prefetch images through a running proxy; list, inspect, verify and purge
 the cache directory; print client configuration for this proxy's address.
 
-    dioproxy prefetch alpine:3.19 ghcr.io/owner/img:1 --proxy http://127.0.0.1:8004 [--platform linux/amd64]
+    dioproxy prefetch alpine:3.19 ghcr.io/owner/img:1 --proxy http://127.0.0.1:8004 [--platform linux/amd64,linux/arm64]
     dioproxy ls [--cache-dir DIR | --config FILE]
     dioproxy stats [--proxy URL]
     dioproxy verify [--repair]
