@@ -11,7 +11,9 @@ from twisted.trial import unittest
 
 from dioproxy import admin
 from dioproxy.config import ConfigError, build_config
-from dioproxy.prefetch import RETRY_FIRST, Prefetcher, select_platforms
+from dioproxy.errors import UpstreamError
+from dioproxy.fill import Fill
+from dioproxy.prefetch import RETRY_FIRST, Prefetcher, fetch_blob, select_platforms
 from tests.harness import Proxy, start_upstream
 from tests.test_ops_reload import CapturedLog, eventually
 
@@ -173,6 +175,31 @@ class ScheduleTests(unittest.TestCase):
         self.assertEqual(self.cached(s390x), s390x)
         self.configure([])
         self.assertEqual((self.prefetcher.jobs, self.clock.getDelayedCalls()), ({}, []))
+
+
+class StalledFillTests(unittest.TestCase):
+    def test_a_fill_without_progress_is_given_up_after_its_deadline(self):
+        """The wait on a fill has a deadline (2 x timeouts.read + timeouts.connect without a byte), a backstop
+        behind the fill's own stall timer; progress restarts it."""
+        clock = task.Clock()
+        fill = Fill("sha256:" + "c" * 64, "/nonexistent")
+
+        class Stub:
+            reactor = clock
+            config = build_config({"timeouts": {"read": 10, "connect": 5}})
+            storage = type("S", (), {"blob_size": staticmethod(lambda digest: None)})()
+            fills = type("F", (), {"get": staticmethod(lambda digest: fill)})()
+
+        target = type("T", (), {"registry": "docker.io"})()
+        d = defer.ensureDeferred(fetch_blob(Stub(), target, fill.digest))
+        clock.advance(20)
+        fill.written = 1
+        fill._notify()  # progress: the deadline starts again
+        clock.advance(24)
+        self.assertNoResult(d)
+        clock.advance(1)
+        failure = self.failureResultOf(d, UpstreamError)
+        self.assertIn("made no progress for 25 s", str(failure.value))
 
 
 class StartTests(unittest.TestCase):
