@@ -39,6 +39,8 @@ class Upstream:
     url: str
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    #: Hosts besides the upstream's own that its redirects may send us to at an internal address (lower case).
+    redirect_hosts: tuple[str, ...] = ()
 
     @property
     def credentials(self) -> tuple[str, str] | None:
@@ -177,7 +179,7 @@ _TOP_KEYS = {
     "prefetch",
 }
 _CACHE_KEYS = {"dir", "tag_ttl", "enabled", "max_size", "max_age", "accel_redirect"}
-_UPSTREAM_KEYS = {"url", "username", "password"}
+_UPSTREAM_KEYS = {"url", "username", "password", "redirect_hosts"}
 _TIMEOUT_KEYS = {"connect", "read"}
 _AUTH_KEYS = {"htpasswd", "token_ttl", "secret"}
 _RATE_KEYS = {"rate", "burst", "trusted_proxies"}
@@ -210,7 +212,8 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
         username, password = spec.get("username"), spec.get("password")
         if (username is None) != (password is None):
             raise ConfigError(f"{key}: username and password go together")
-        upstreams[name] = Upstream(name, _check_url(spec["url"], key + ".url"), username, password)
+        hosts = tuple(h.lower() for h in _strings(spec.get("redirect_hosts"), key + ".redirect_hosts"))
+        upstreams[name] = Upstream(name, _check_url(spec["url"], key + ".url"), username, password, hosts)
     for override in upstream_overrides:
         name, sep, url = override.partition("=")
         if not sep:
@@ -222,6 +225,7 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
             _check_url(url, key),
             old.username if old else None,
             old.password if old else None,
+            old.redirect_hosts if old else (),
         )
 
     hosts = {}

@@ -13,6 +13,7 @@ from twisted.internet import defer
 
 from dioproxy.auth import Gate, Htpasswd, Tokens
 from dioproxy.config import Config, Upstream
+from dioproxy.egress import make_public_http_client
 from dioproxy.errors import name_unknown
 from dioproxy.eviction import CacheBound, IndexedStorage, inflight_bytes
 from dioproxy.fill import FillManager
@@ -39,6 +40,7 @@ class Mirror:
         self.pool = make_pool(reactor)
         self.own_http = http is None  # a reload may rebuild our own client (connect timeout), not an injected one
         self.http = http or make_http_client(reactor, config, self.pool)
+        self.public_http = make_public_http_client(reactor, config, self.pool)
         self.tokens = CountingTokenCache(self.metrics)
         self.clients = {name: self.make_client(upstream) for name, upstream in config.upstreams.items()}
         self.fills = (
@@ -108,6 +110,7 @@ class Mirror:
             self.http,
             self.reactor,
             tokens or self.tokens,
+            public_http=self.public_http,
             timeout=(config or self.config).read_timeout,
             on_response=self.upstream_response,
             on_error=self.metrics.upstream_error,

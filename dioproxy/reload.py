@@ -22,6 +22,7 @@ from twisted.internet import task
 from twisted.logger import Logger
 
 from dioproxy.config import Config
+from dioproxy.egress import make_public_http_client
 from dioproxy.metrics import CountingTokenCache
 from dioproxy.upstream import make_http_client
 
@@ -53,6 +54,7 @@ def apply_config(mirror: Any, new: Config) -> list[str]:
 
     if new.connect_timeout != old.connect_timeout and mirror.own_http:
         mirror.http = make_http_client(mirror.reactor, new, mirror.pool)
+        mirror.public_http = make_public_http_client(mirror.reactor, new, mirror.pool)
     clients = {}
     for name, upstream in new.upstreams.items():
         current = mirror.clients.get(name)

@@ -22,6 +22,7 @@ from twisted.web import client as webclient
 from twisted.web.iweb import IResponse
 
 from dioproxy.config import Config, Upstream
+from dioproxy.egress import InternalAddress
 from dioproxy.errors import UpstreamError
 from dioproxy.singleflight import SingleFlight
 
@@ -160,6 +161,7 @@ class UpstreamClient:
         reactor: Any,
         tokens: TokenCache | None = None,
         *,
+        public_http: HTTPClient,
         timeout: float = 30.0,
         retries: int = 2,
         backoff: float = 0.25,
@@ -168,6 +170,8 @@ class UpstreamClient:
     ) -> None:
         self.upstream = upstream
         self.http = http
+        #: For hops to hosts other than the upstream's own (redirects, token realms): public addresses only.
+        self.public_http = public_http
         self.reactor = reactor
         self.tokens = tokens or TokenCache()
         self.timeout = timeout
@@ -348,12 +352,22 @@ class UpstreamClient:
     # -- transport ------------------------------------------------------------------------------------------------
 
     async def _follow(self, method: str, url: str, headers: dict) -> IResponse:
-        """Send and follow redirects ourselves: ``Authorization`` never goes to another host (Docker Hub's CDN)."""
-        origin = urlsplit(url).netloc
+        """Send and follow redirects ourselves, hop by hop.
+
+        ``Authorization`` stays with the origin: never to another host (Docker Hub's CDN), never over plain http
+        after https. A host other than the upstream's own and its ``redirect_hosts`` is reached only at a public
+        address (:mod:`dioproxy.egress`): an upstream's redirect must not make us read internal services.
+        """
+        origin = urlsplit(url)
         for _ in range(MAX_REDIRECTS + 1):
-            response = await self.http.request(
-                method, url, headers=headers, allow_redirects=False, unbuffered=True, timeout=self.timeout
-            )
+            http = self.http if self._trusted(urlsplit(url).hostname) else self.public_http
+            try:
+                response = await http.request(
+                    method, url, headers=headers, allow_redirects=False, unbuffered=True, timeout=self.timeout
+                )
+            except InternalAddress as e:
+                log.warn("upstream {registry}: not following it to {url}: {e}", registry=self.registry, url=url, e=e)
+                raise UpstreamError(self.registry, f"redirect refused: {e}", 502) from None
             if self.on_response:
                 self.on_response(self.registry, method, response.code, response)
             location = header(response, "Location")
@@ -361,11 +375,17 @@ class UpstreamClient:
                 return response
             await discard(response)
             url = urljoin(url, location)
-            if urlsplit(url).scheme not in ("http", "https"):
+            target = urlsplit(url)
+            if target.scheme not in ("http", "https"):
                 raise UpstreamError(self.registry, f"redirect to a non-HTTP URL refused: {url[:100]!r}", 502)
-            if urlsplit(url).netloc != origin:
+            if target.netloc != origin.netloc or (origin.scheme, target.scheme) == ("https", "http"):
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         raise UpstreamError(self.registry, "too many redirects", 502)
+
+    def _trusted(self, host: str | None) -> bool:
+        """The upstream's own host and the ones the operator listed: reached at whatever address they have."""
+        host = (host or "").lower()
+        return host == (urlsplit(self.upstream.url).hostname or "").lower() or host in self.upstream.redirect_hosts
 
 
 def make_pool(reactor: Any) -> webclient.HTTPConnectionPool:

@@ -501,6 +501,7 @@ class FakeRegistry:
         self.slow_rate: int | None = None
         self.token_fail: int | None = None
         self.redirect_to: str | None = None
+        self._redirects: list[tuple[str, str, int]] = []
         self._fail_rules: list[_FailRule] = []
         self._blob_faults: dict[str, list[_BlobFault]] = {}
         gates, self._gates = self._gates, {}
@@ -520,6 +521,11 @@ class FakeRegistry:
         """The next ``n`` matching requests (role None: any role) answer ``status`` with a JSON error.
         A 429 carries ``Retry-After`` (``retry_after`` or 1)."""
         self._fail_rules.append(_FailRule(n, status, role, path_contains, method, retry_after))
+
+    def redirect_path(self, path_contains: str, location: str, status: int = 302) -> None:
+        """Registry requests whose path contains ``path_contains`` answer ``status`` with ``Location: location``
+        (a compromised or hostile upstream pointing the proxy somewhere else)."""
+        self._redirects.append((path_contains, location, status))
 
     def _add_blob_fault(self, digest: str, kind: str, amount: int, times: int | None) -> None:
         self._blob_faults.setdefault(digest, []).append(_BlobFault(kind, amount, times))
@@ -585,7 +591,7 @@ class FakeRegistry:
         if _gone(request):
             return
         try:
-            if self._injected_failure(role, request):
+            if self._injected_failure(role, request) or self._injected_redirect(role, request):
                 return
             {"registry": self._registry, "auth": self._auth, "cdn": self._cdn}[role](request)
         except Exception:
@@ -609,6 +615,14 @@ class FakeRegistry:
                 headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
                 code = _ERROR_CODES.get(rule.status, "UNKNOWN")
                 self._error(request, rule.status, code, "injected failure", headers=headers)
+                return True
+        return False
+
+    def _injected_redirect(self, role: str, request: Request) -> bool:
+        path = request.dio_record.path  # type: ignore[attr-defined]
+        for contains, location, status in self._redirects:
+            if role == "registry" and contains in path:
+                self._send(request, status, b"", {"Location": location}, content_type="text/html")
                 return True
         return False
 
