@@ -11,7 +11,6 @@ import base64
 import hashlib
 import hmac
 import json
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -72,22 +71,24 @@ class Htpasswd:
 class Grant:
     user: str
     repositories: frozenset[str] | None  # None: every repository (Basic credentials)
+    registry: str | None = None  # the registry a token is for; None: any (Basic credentials)
 
     def allows(self, name: str) -> bool:
         return self.repositories is None or name in self.repositories
 
 
 class Tokens:
-    """HMAC-signed tokens naming a user, the repositories it may pull, and an expiry."""
+    """HMAC-signed tokens naming a user, the registry and the repositories it may pull there, and an expiry."""
 
-    def __init__(self, secret: str | None, ttl: float, clock: Callable[[], float] = time.time) -> None:
-        self.key = (secret or secrets.token_hex(32)).encode()
+    def __init__(self, secret: str, ttl: float, clock: Callable[[], float] = time.time) -> None:
+        self.key = secret.encode()
         self.ttl = ttl
         self.clock = clock
 
-    def issue(self, user: str, repositories: list[str]) -> dict:
+    def issue(self, user: str, registry: str, repositories: list[str]) -> dict:
         now = self.clock()
-        payload = _b64(json.dumps({"sub": user, "repos": repositories, "exp": now + self.ttl}).encode())
+        claims = {"sub": user, "reg": registry, "repos": repositories, "exp": now + self.ttl}
+        payload = _b64(json.dumps(claims).encode())
         token = f"{payload}.{self._sign(payload)}"
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         return {"token": token, "access_token": token, "expires_in": int(self.ttl), "issued_at": issued}
@@ -100,7 +101,7 @@ class Tokens:
             claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
             if claims["exp"] < self.clock():
                 return None
-            return Grant(str(claims["sub"]), frozenset(claims["repos"]))
+            return Grant(str(claims["sub"]), frozenset(claims["repos"]), str(claims["reg"]))
         except (ValueError, KeyError, TypeError):
             return None
 

@@ -68,6 +68,7 @@ class Security:
     rate: float = 0.0  # requests per second per client; 0 = unlimited
     burst: int = 0
     trusted_proxies: tuple[str, ...] = ()
+    metrics_allow: tuple[str, ...] = ()  # client networks that read /metrics without login on a closed mirror
     tls_cert: str | None = None
     tls_key: str | None = None
 
@@ -181,7 +182,7 @@ _TOP_KEYS = {
 _CACHE_KEYS = {"dir", "tag_ttl", "enabled", "max_size", "max_age", "accel_redirect"}
 _UPSTREAM_KEYS = {"url", "username", "password", "redirect_hosts"}
 _TIMEOUT_KEYS = {"connect", "read"}
-_AUTH_KEYS = {"htpasswd", "token_ttl", "secret"}
+_AUTH_KEYS = {"htpasswd", "token_ttl", "secret", "metrics_allow"}
 _RATE_KEYS = {"rate", "burst", "trusted_proxies"}
 _TLS_KEYS = {"cert", "key"}
 _PREFETCH_KEYS = {"image", "platforms", "every"}
@@ -323,6 +324,16 @@ def _number(value: Any, key: str, default: float) -> float:
     return float(value)
 
 
+def _networks(value: Any, key: str) -> tuple[str, ...]:
+    networks = _strings(value, key)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}: {network!r} is not an address or network") from None
+    return networks
+
+
 def _security(data: dict, upstreams: dict[str, Upstream]) -> Security:
     auth = _mapping(data.get("auth"), "auth")
     _unknown(auth, _AUTH_KEYS, "auth.")
@@ -338,12 +349,7 @@ def _security(data: dict, upstreams: dict[str, Upstream]) -> Security:
         )
     rate = _mapping(data.get("rate_limit"), "rate_limit")
     _unknown(rate, _RATE_KEYS, "rate_limit.")
-    proxies = _strings(rate.get("trusted_proxies"), "rate_limit.trusted_proxies")
-    for proxy in proxies:
-        try:
-            ipaddress.ip_network(proxy, strict=False)
-        except ValueError:
-            raise ConfigError(f"rate_limit.trusted_proxies: {proxy!r} is not an address or network") from None
+    proxies = _networks(rate.get("trusted_proxies"), "rate_limit.trusted_proxies")
     tls = _mapping(data.get("tls"), "tls")
     _unknown(tls, _TLS_KEYS, "tls.")
     if bool(tls.get("cert")) != bool(tls.get("key")):
@@ -357,6 +363,7 @@ def _security(data: dict, upstreams: dict[str, Upstream]) -> Security:
         rate=rate_value,
         burst=int(_number(rate.get("burst"), "rate_limit.burst", max(1.0, rate_value * 2))),
         trusted_proxies=proxies,
+        metrics_allow=_networks(auth.get("metrics_allow"), "auth.metrics_allow"),
         tls_cert=tls.get("cert"),
         tls_key=tls.get("key"),
     )

@@ -5,6 +5,7 @@ Resources translate HTTP into calls on a :class:`Mirror`; tests can build one ar
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ from dioproxy.private import PrivateContent
 from dioproxy.reload import apply_config
 from dioproxy.routing import Target, resolve
 from dioproxy.status import StatusBoard
+from dioproxy.tokensecret import shared_secret
 from dioproxy.upstream import TokenCache, UpstreamClient, make_http_client, make_pool
 
 
@@ -72,6 +74,7 @@ class Mirror:
             caching=config.cache_enabled,
             private=self.private,
         )
+        self._made_secret: str | None = None
         self.apply_security(config)
         self.metrics.watch(self.state)
         #: Traffic history and the most pulled repositories, for the status page.
@@ -84,12 +87,22 @@ class Mirror:
         reactor = self.reactor
         security = config.security
         self.gate = (
-            Gate(Htpasswd(security.htpasswd), Tokens(security.token_secret, security.token_ttl))
+            Gate(Htpasswd(security.htpasswd), Tokens(self.token_secret(config), security.token_ttl))
             if (security.htpasswd)
             else None
         )
         self.addresses = ClientAddresses(security.trusted_proxies)
+        self.metrics_readers = ClientAddresses(security.metrics_allow)  # /metrics without login when closed
         self.limiter = RateLimiter(security.rate, security.burst, reactor.seconds) if security.rate else None
+
+    def token_secret(self, config: Config) -> str:
+        """``auth.secret``, else one made once for the cache directory (for this process without a cache): the same
+        across reloads and restarts, and for every process sharing the directory."""
+        if config.security.token_secret:
+            return config.security.token_secret
+        if self._made_secret is None:
+            self._made_secret = shared_secret(config.cache_dir) if config.cache_enabled else secrets.token_hex(32)
+        return self._made_secret
 
     def route(self, name: str, ns: str | None = None, host: str | None = None) -> Target:
         """The upstream repository for a request; 404 for unknown registries, 403 for denied repositories."""

@@ -32,11 +32,12 @@ class ClientAddresses:
         """The client's address: ``X-Forwarded-For`` counts only when it comes from a trusted proxy."""
         address = peer
         hops = [h.strip() for h in (forwarded_for or "").split(",") if h.strip()]
-        while hops and self._is_trusted(address):
+        while hops and self.trusts(address):
             address = hops.pop()
         return address
 
-    def _is_trusted(self, address: str) -> bool:
+    def trusts(self, address: str) -> bool:
+        """Whether ``address`` is one of ``rate_limit.trusted_proxies``, whose X-Forwarded-* headers we believe."""
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:

@@ -50,6 +50,10 @@ def request_header(request: server.Request, name: str) -> str | None:
     return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
+#: What a proxy in front says about our URL; believed only from ``rate_limit.trusted_proxies`` (see ``Root``).
+FORWARDED_URL_HEADERS = ("X-Forwarded-Proto", "X-Forwarded-Host")
+
+
 def base_url(request: server.Request) -> str:
     """Our own URL as the client sees it, behind nginx too (``X-Forwarded-Proto`` / ``X-Forwarded-Host``)."""
     proto = (request_header(request, "X-Forwarded-Proto") or "").split(",")[0].strip()
@@ -115,8 +119,11 @@ class Endpoint(resource.Resource):
     async def _serve(self, request: server.Request, head: bool) -> None:
         gate = self.mirror.gate
         if gate is not None and self.guarded:
-            realm = base_url(request) + "/token"
-            await gate.grant(request_header(request, "Authorization"), realm, self.name or None)
+            ns = arg(request, "ns")  # the token must be for the registry this request is routed to
+            realm = base_url(request) + "/token" + ("?" + urlencode({"ns": ns}) if ns else "")
+            grant = await gate.grant(request_header(request, "Authorization"), realm, self.name or None)
+            if self.name and grant.registry is not None and grant.registry != self.target(request).registry:
+                raise gate.challenge(realm, self.name, "insufficient_scope")
         await self.handle(request, head)
 
     async def handle(self, request: server.Request, head: bool) -> None:
@@ -416,18 +423,20 @@ class Token(Endpoint):
         gate = self.mirror.gate
         if gate is not None:
             user = await gate.login(request_header(request, "Authorization"))
-            allowed = [name for name in names if self._may_pull(request, name)]
-            answer = gate.tokens.issue(user, allowed)
+            targets = {name: target for name in names if (target := self._route(request, name))}
+            registry = next(iter(targets.values())).registry if targets else ""
+            allowed = [name for name, target in targets.items() if target.registry == registry]
+            answer = gate.tokens.issue(user, registry, allowed)
         else:
             answer = await self._forward(request, names[0] if names else None)
         self.finish(request, json.dumps(answer).encode(), "application/json", head)
 
-    def _may_pull(self, request: server.Request, name: str) -> bool:
+    def _route(self, request: server.Request, name: str) -> Target | None:
+        """Where a repository asked for in a token's scope is pulled from; None if it may not be."""
         try:
-            self.mirror.route(name, arg(request, "ns"), request_header(request, "Host"))
+            return self.mirror.route(name, arg(request, "ns"), request_header(request, "Host"))
         except RegistryError:
-            return False
-        return True
+            return None
 
     async def _forward(self, request: server.Request, name: str | None) -> dict:
         if name:
@@ -479,14 +488,41 @@ def _wants_json(request: server.Request) -> bool:
     return "application/json" in accept and "text/html" not in accept
 
 
+class Scrape(Endpoint):
+    """``/metrics``: as open as the mirror. A closed one shows it to its users (a Prometheus ``basic_auth``, or a
+    token) and, without login, to the client addresses in ``auth.metrics_allow`` only."""
+
+    def __init__(self, mirror: Mirror, page: resource.Resource) -> None:
+        super().__init__(mirror)
+        self.page = page
+
+    async def _serve(self, request: server.Request, head: bool) -> None:
+        if self.mirror.metrics_readers.trusts(client_address(request, self.mirror.addresses)):
+            return await self.handle(request, head)
+        await super()._serve(request, head)
+
+    async def handle(self, request: server.Request, head: bool) -> None:
+        body = self.page.render(request)
+        self.finish(request, body, request.responseHeaders.getRawHeaders("Content-Type")[0], head)
+
+
 class Root(resource.Resource):
     def __init__(self, mirror: Mirror) -> None:
         super().__init__()
         self.putChild(b"v2", V2(mirror))
         self.putChild(b"token", Token(mirror))
         self.putChild(b"healthz", Health())
-        self.putChild(b"metrics", MetricsPage(mirror.metrics))
+        self.putChild(b"metrics", Scrape(mirror, MetricsPage(mirror.metrics)))
         self.mirror = mirror  # the site reports each finished request to it (metrics, cache last use)
+
+    def getChildWithDefault(self, segment: bytes, request: server.Request) -> resource.Resource:
+        """Every request passes here first: what a stranger says about our own URL is dropped before anything reads
+        it (``base_url``: the token realm, ``Link`` headers)."""
+        peer = getattr(request.getClientAddress(), "host", "")
+        if not self.mirror.addresses.trusts(peer):
+            for name in FORWARDED_URL_HEADERS:
+                request.requestHeaders.removeHeader(name)
+        return super().getChildWithDefault(segment, request)
 
     def getChild(self, segment: bytes, request: server.Request) -> resource.Resource:
         if segment == b"" and not request.postpath:

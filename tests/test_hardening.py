@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import stat
+from dataclasses import replace
 from typing import Any
 
+import bcrypt
 from twisted.internet import defer, reactor
 from twisted.internet._resolver import HostResolution
 from twisted.internet.address import IPv4Address
@@ -185,3 +190,154 @@ class AuthorizationOnRedirectTests(unittest.TestCase):
     def test_kept_on_the_same_origin_dropped_for_another_host(self):
         self.assertEqual(self.follow("https://registry.example", "/v2/y")[1][1], {"Authorization": "t"})
         self.assertEqual(self.follow("https://registry.example", "https://cdn.example/y")[1][1], {})
+
+
+def basic(user: str, password: str) -> dict:
+    return {"Authorization": ["Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()]}
+
+
+class ClosedMirrorTests(unittest.TestCase):
+    """A mirror closed with htpasswd: /metrics, X-Forwarded-*, tokens bound to a registry, the token secret."""
+
+    def setUp(self):
+        self.fake = start_upstream(self)
+        self.image = self.fake.add_image("library/hello", "1.0", layer_sizes=[10])
+        self.htpasswd = self.mktemp()
+        with open(self.htpasswd, "wb") as f:
+            f.write(b"alice:" + bcrypt.hashpw(b"wonderland", bcrypt.gensalt(4)) + b"\n")
+
+    def closed(self, cache_dir: str | None = None, **config: Any) -> Proxy:
+        auth = {"htpasswd": self.htpasswd, **config.pop("auth", {})}
+        return Proxy(self, self.fake.registry_url, cache_dir, auth=auth, **config)
+
+    @defer.inlineCallbacks
+    def token(self, proxy: Proxy, query: str = "scope=repository:library/hello:pull") -> Any:
+        response = yield proxy.get(f"/token?{query}", headers=basic("alice", "wonderland"))
+        self.assertEqual(response.code, 200)
+        return {"Authorization": [f"Bearer {(yield response.json())['token']}"]}
+
+    @defer.inlineCallbacks
+    def code(self, proxy: Proxy, path: str, headers: dict | None = None) -> Any:
+        response = yield proxy.get(path, headers=headers)
+        body = yield response.content()
+        return response.code, body, response.headers
+
+    # -- /metrics --------------------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_metrics_are_behind_the_login(self):
+        proxy = self.closed()
+        code, body, headers = yield self.code(proxy, "/metrics")
+        self.assertEqual(code, 401)
+        self.assertNotIn(b"dioproxy_", body)
+        self.assertTrue(headers.getRawHeaders("WWW-Authenticate")[0].startswith("Bearer realm="))
+        code, body, headers = yield self.code(proxy, "/metrics", basic("alice", "wonderland"))
+        self.assertEqual(code, 200)
+        self.assertIn(b"dioproxy_requests_total", body)
+        self.assertTrue(headers.getRawHeaders("Content-Type")[0].startswith("text/plain"))
+        code, body, _ = yield self.code(proxy, "/metrics", (yield self.token(proxy)))
+        self.assertEqual(code, 200)
+        code, _, _ = yield self.code(proxy, "/metrics", basic("alice", "wrong"))
+        self.assertEqual(code, 401)
+
+    @defer.inlineCallbacks
+    def test_metrics_without_login_only_from_the_allowlist(self):
+        allowed = self.closed(auth={"metrics_allow": ["127.0.0.0/8"]})
+        code, body, _ = yield self.code(allowed, "/metrics")
+        self.assertEqual(code, 200)
+        self.assertIn(b"dioproxy_requests_total", body)
+        elsewhere = self.closed(auth={"metrics_allow": ["10.0.0.0/8"]})
+        code, _, _ = yield self.code(elsewhere, "/metrics")
+        self.assertEqual(code, 401, "127.0.0.1 is not in 10.0.0.0/8")
+        code, _, _ = yield self.code(elsewhere, "/metrics", {"X-Forwarded-For": ["10.1.1.1"]})
+        self.assertEqual(code, 401, "X-Forwarded-For from a peer that is not a trusted proxy changes nothing")
+        self.assertRaises(ValueError, build_config, {"auth": {"metrics_allow": ["not a network"]}})
+
+    # -- X-Forwarded-* ---------------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_forwarded_url_headers_only_from_trusted_proxies(self):
+        forwarded = {"X-Forwarded-Proto": ["https"], "X-Forwarded-Host": ["evil.example"]}
+        stranger = self.closed()
+        _, _, headers = yield self.code(stranger, "/v2/", forwarded)
+        [challenge] = headers.getRawHeaders("WWW-Authenticate")
+        self.assertTrue(challenge.startswith(f'Bearer realm="{stranger.url}/token"'), challenge)
+        nginx = self.closed(rate_limit={"trusted_proxies": ["127.0.0.1"]})
+        _, _, headers = yield self.code(nginx, "/v2/", forwarded)
+        self.assertTrue(headers.getRawHeaders("WWW-Authenticate")[0].startswith('Bearer realm="https://evil.example/'))
+
+    @defer.inlineCallbacks
+    def test_tags_link_ignores_a_strangers_forwarded_host(self):
+        self.fake.add_image("library/hello", "2.0", layer_sizes=[10])
+        proxy = Proxy(self, self.fake.registry_url)
+        headers = {"X-Forwarded-Proto": ["https"], "X-Forwarded-Host": ["evil.example"]}
+        response = yield proxy.get("/v2/hello/tags/list?n=1", headers=headers)
+        yield response.content()
+        [link] = response.headers.getRawHeaders("Link")
+        self.assertTrue(link.startswith(f"<{proxy.url}/v2/hello/tags/list?"), link)
+
+    # -- tokens name their registry ----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_a_token_for_one_registry_is_refused_for_another(self):
+        proxy = self.closed()
+        hub = yield self.token(proxy)
+        code, body, _ = yield self.code(proxy, "/v2/library/hello/manifests/1.0", hub)
+        self.assertEqual((code, body), (200, self.image.body))
+        code, _, headers = yield self.code(proxy, "/v2/library/hello/manifests/1.0?ns=ghcr.io", hub)
+        self.assertEqual(code, 401, "same repository name, other registry")
+        [challenge] = headers.getRawHeaders("WWW-Authenticate")
+        self.assertIn(f'realm="{proxy.url}/token?ns=ghcr.io"', challenge)
+        self.assertIn('error="insufficient_scope"', challenge)
+        ghcr = yield self.token(proxy, "ns=ghcr.io&scope=repository:library/hello:pull")
+        code, body, _ = yield self.code(proxy, "/v2/library/hello/manifests/1.0?ns=ghcr.io", ghcr)
+        self.assertEqual((code, body), (200, self.image.body), "the realm in the challenge gives the right token")
+        code, _, _ = yield self.code(proxy, "/v2/ghcr.io/library/hello/manifests/1.0", ghcr)
+        self.assertEqual(code, 401, "a token names the client's repository spelling and the registry")
+        code, _, _ = yield self.code(proxy, "/v2/library/hello/manifests/1.0", ghcr)
+        self.assertEqual(code, 401)
+
+    # -- the token secret ------------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_the_token_secret_survives_a_reload(self):
+        proxy = self.closed()
+        bearer = yield self.token(proxy)
+        security = replace(proxy.config.security, token_ttl=600.0)
+        self.assertEqual(proxy.mirror.apply(replace(proxy.config, security=security)), ["security"])
+        code, _, _ = yield self.code(proxy, "/v2/library/hello/manifests/1.0", bearer)
+        self.assertEqual(code, 200, "a reload logged everyone out")
+
+    @defer.inlineCallbacks
+    def test_processes_on_one_cache_directory_share_the_secret(self):
+        first = self.closed()
+        second = self.closed(first.cache_dir)
+        bearer = yield self.token(first)
+        code, _, _ = yield self.code(second, "/v2/library/hello/manifests/1.0", bearer)
+        self.assertEqual(code, 200)
+        path = os.path.join(first.cache_dir, "token-secret")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual([n for n in os.listdir(first.cache_dir) if n.startswith("token-secret")], ["token-secret"])
+
+    @defer.inlineCallbacks
+    def test_a_configured_secret_is_used_and_nothing_written(self):
+        first = self.closed(auth={"secret": "s" * 40})
+        bearer = yield self.token(first)
+        self.assertFalse(os.path.exists(os.path.join(first.cache_dir, "token-secret")))
+        other = self.closed(auth={"secret": "t" * 40})
+        code, _, _ = yield self.code(other, "/v2/library/hello/manifests/1.0", bearer)
+        self.assertEqual(code, 401)
+
+    # -- reloads apply the security settings -----------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_a_reload_closes_and_opens_the_mirror(self):
+        proxy = Proxy(self, self.fake.registry_url)
+        open_config = proxy.config
+        closed = replace(open_config, security=replace(open_config.security, htpasswd=self.htpasswd))
+        self.assertIn("security", proxy.mirror.apply(closed))
+        code, _, _ = yield self.code(proxy, "/v2/library/hello/manifests/1.0")
+        self.assertEqual(code, 401)
+        proxy.mirror.apply(open_config)
+        code, _, _ = yield self.code(proxy, "/v2/library/hello/manifests/1.0")
+        self.assertEqual(code, 200)

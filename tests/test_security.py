@@ -35,7 +35,9 @@ class LoginTests(unittest.TestCase):
         htpasswd = self.mktemp()
         with open(htpasswd, "wb") as f:
             f.write(b"alice:" + bcrypt.hashpw(b"wonderland", bcrypt.gensalt(4)) + b"\n")
-        self.proxy = Proxy(self, self.fake.registry_url, auth={"htpasswd": htpasswd})
+        self.proxy = Proxy(
+            self, self.fake.registry_url, auth={"htpasswd": htpasswd}, rate_limit={"trusted_proxies": ["127.0.0.1"]}
+        )
 
     @defer.inlineCallbacks
     def test_anonymous_gets_a_challenge_pointing_at_our_token_endpoint(self):
