@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import treq
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from dioproxy.config import build_config
@@ -22,6 +22,19 @@ from dioproxy.site import MirrorSite
 from tests.fakeregistry import FakeRegistry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@defer.inlineCallbacks
+def eventually(check: Any, timeout: float = 10.0, step: float = 0.05, why: str = "") -> Any:
+    """Poll ``check()`` (no sleeping on the reactor) until it is true; fail after ``timeout`` seconds."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        result = yield defer.maybeDeferred(check)
+        if result:
+            return result
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"not true after {timeout}s: {why or check}")
+        yield task.deferLater(reactor, step, lambda: None)
 
 
 class Proxy:

@@ -9,31 +9,18 @@ import socket
 import sys
 
 import treq
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from dioproxy.config import Config, ConfigError, Upstream, build_config, load_config
 from dioproxy.reload import ConfigReloader
-from tests.harness import Proxy, start_upstream
+from tests.harness import Proxy, eventually, start_upstream
 from tests.test_ops_metrics import Puller, value
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-
-
-@defer.inlineCallbacks
-def eventually(check, timeout: float = 10.0, step: float = 0.05):
-    """Poll ``check()`` (no sleeping on the reactor) until it is true; fail after ``timeout`` seconds."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        result = yield defer.maybeDeferred(check)
-        if result:
-            return result
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {check}")
-        yield task.deferLater(reactor, step, lambda: None)
 
 
 class CapturedLog:
