@@ -4,11 +4,12 @@ import hashlib
 import os
 import socket
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 from twisted.web.client import ResponseFailed
 
-from tests.harness import Proxy, start_upstream
+from dioproxy.cachedir import BLOB
+from tests.harness import Proxy, eventually, start_upstream
 
 MB = 1024 * 1024
 
@@ -75,7 +76,8 @@ class BlobTests(unittest.TestCase):
         gate = self.fake.gate_blob(digest)
         requests = [self.proxy.get(f"/v2/library/hello/blobs/{digest}") for _ in range(16)]
         yield self.fake.wait_for_requests(1, "cdn", "GET", digest)
-        yield task.deferLater(reactor, 0.2, lambda: None)  # let all 16 arrive while the upstream is held
+        pins = self.proxy.mirror.cache.pins
+        yield eventually(lambda: len(pins.get((BLOB, digest), ())) == 16)  # all 16 in, the upstream held
         gate.callback(None)
         responses = yield defer.gatherResults(requests)
         bodies = yield defer.gatherResults([r.content() for r in responses])
@@ -163,7 +165,7 @@ class BlobTests(unittest.TestCase):
         response, body = yield self.fetch({"Range": ["bytes=100-199"]})
         self.assertEqual((response.code, body), (206, self.data[100:200]))
         self.assertEqual(response.headers.getRawHeaders("Content-Range"), [f"bytes 100-199/{len(self.data)}"])
-        yield self.proxy.mirror.fills.get(self.digest) and task.deferLater(reactor, 0.5, lambda: None)
+        yield eventually(lambda: os.path.exists(self.proxy.blob_file(self.digest)))  # the fill went on
         response, body = yield self.fetch({"Range": ["bytes=-10"]})
         self.assertEqual((response.code, body), (206, self.data[-10:]))
         response, body = yield self.fetch({"Range": [f"bytes={len(self.data)}-"]})
@@ -190,10 +192,8 @@ class BlobTests(unittest.TestCase):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         self.addCleanup(sock.close)
         sock.sendall(f"GET /v2/library/hello/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        for _ in range(200):  # the reader reads nothing while the fill runs
-            if os.path.exists(self.proxy.blob_file(digest)):
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        # the reader reads nothing while the fill runs
+        yield eventually(lambda: os.path.exists(self.proxy.blob_file(digest)), why="the fill waited for the client")
         self.assertTrue(os.path.exists(self.proxy.blob_file(digest)), "the fill waited for the slow client")
         received = yield threads.deferToThread(_read_all, sock, len(data))
         self.assertEqual(sha(received.split(b"\r\n\r\n", 1)[1]), digest)
@@ -224,10 +224,7 @@ class BlobTests(unittest.TestCase):
         yield self.fake.wait_for_requests(1, "cdn", "GET", self.digest)
         d.cancel()
         gate.callback(None)
-        for _ in range(100):
-            if os.path.exists(self.proxy.blob_file(self.digest)):
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield eventually(lambda: os.path.exists(self.proxy.blob_file(self.digest)), why="the fill stopped")
         self.assertTrue(os.path.exists(self.proxy.blob_file(self.digest)))
 
 

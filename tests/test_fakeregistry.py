@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import treq
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
@@ -29,6 +29,7 @@ from tests.fakeregistry import (
     sha256_digest,
     start_fake_registry,
 )
+from tests.harness import eventually
 
 ALL_MANIFEST_TYPES = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST])
 
@@ -429,7 +430,7 @@ class FaultTests(OpenRegistryTestCase):
         response = await self.http.get(self.fake.cdn_blob_url(digest))
         received: list[bytes] = []
         collecting = treq.collect(response, received.append)
-        await task.deferLater(reactor, 0.3, lambda: None)
+        await eventually(lambda: len(b"".join(received)) >= 70_000)
         self.assertEqual(len(b"".join(received)), 70_000)
         self.assertFalse(collecting.called)
         self.assertFalse(self.fake.find(role="cdn")[-1].finished)

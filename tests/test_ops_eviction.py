@@ -14,10 +14,16 @@ from twisted.trial import unittest
 from dioproxy.cachedir import BLOB, LASTUSE_FILE, MANIFEST
 from dioproxy.eviction import CacheBound, CacheIndex, IndexedStorage
 from dioproxy.metrics import Metrics
-from tests.harness import Proxy, start_upstream
+from tests.harness import Proxy, eventually, start_upstream
 from tests.test_ops_metrics import Puller, value
 
 KB = 1000
+
+
+def quiet(bound: CacheBound, tmp: str) -> bool:
+    """No check scheduled and no evicted file still waiting for its unlink thread."""
+    pending = bound._check_call is not None and bound._check_call.active()
+    return not pending and not any(name.startswith("evicted.") for name in os.listdir(tmp))
 
 
 def digest_of(n: int) -> str:
@@ -105,11 +111,9 @@ class BoundTests(unittest.TestCase):
     def exists(self, digest: str) -> bool:
         return os.path.exists(self.storage.blob_path(digest))
 
-    @defer.inlineCallbacks
     def settle(self):
-        """Let the scheduled check and the unlink threads run."""
-        for _ in range(3):
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        """Wait for the scheduled check and the unlink threads to have run."""
+        return eventually(lambda: quiet(self.bound, self.storage.tmp), why="the bound is still at work")
 
     @defer.inlineCallbacks
     def test_least_recently_used_go_first(self):
@@ -304,7 +308,7 @@ class BoundUnderLoadTests(unittest.TestCase):
         try:
             for start in range(0, len(images), 3):
                 yield defer.gatherResults([self.puller.pull(image) for image in images[start : start + 3]])
-                yield task.deferLater(reactor, 0, lambda: None)
+                yield eventually(lambda: quiet(self.cache, self.proxy.mirror.storage.tmp))
                 self.assertLessEqual(disk_usage(self.proxy.cache_dir), self.bound)
         finally:
             sampler.stop()
@@ -333,12 +337,11 @@ class BoundUnderLoadTests(unittest.TestCase):
         factory.buildProtocol = lambda addr: accepted.append(build(addr)) or accepted[-1]
         self.addCleanup(lambda: reader.transport and reader.transport.abortConnection())
         yield protocol.ClientCreator(reactor, lambda: reader).connectTCP("127.0.0.1", self.proxy.port.getHost().port)
-        while not accepted or accepted[0].transport is None:
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield eventually(lambda: accepted and accepted[0].transport is not None)
         accepted[0].transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         factory.buildProtocol = build
         reader.send()
-        yield task.deferLater(reactor, 0.2, lambda: None)
+        yield eventually(lambda: len(self.cache.pins) == 1, why="the stalled client is not reading the blob")
         self.assertEqual(len(self.cache.pins), 1, "the stalled client is not reading the blob")
         images = [self.fake.add_image(f"library/small{i}", "1", layer_sizes=[300_000]) for i in range(12)]
         for image in images:
@@ -346,10 +349,10 @@ class BoundUnderLoadTests(unittest.TestCase):
             self.assertTrue(os.path.exists(self.proxy.blob_file(layer)), "a blob being read was evicted")
         reader.transport.abortConnection()
         yield reader.closed
-        yield task.deferLater(reactor, 0.05, lambda: None)
+        yield eventually(lambda: not self.cache.pins, why="the reader's pin outlived it")
         for image in images[:10]:
             yield self.puller.pull(image)
-        yield task.deferLater(reactor, 0.1, lambda: None)
+        yield eventually(lambda: not os.path.exists(self.proxy.blob_file(layer)), why="not evicted")
         self.assertFalse(os.path.exists(self.proxy.blob_file(layer)), "evictable once its reader is gone")
         self.assertLessEqual(disk_usage(self.proxy.cache_dir), self.bound)
 
