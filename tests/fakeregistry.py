@@ -361,6 +361,11 @@ class FakeRegistry:
             repository.tags[tag] = digest
         return digest
 
+    def lie_about(self, repo: str, digest: str, body: bytes) -> None:
+        """Serve ``body`` as the manifest ``digest`` of ``repo`` (bytes that do not match: a lying upstream)."""
+        manifest = self._repos[repo].manifests[digest]
+        self._repos[repo].manifests[digest] = _Manifest(body, manifest.media_type)
+
     def untag(self, repo: str, tag: str) -> None:
         self._repos[repo].tags.pop(tag, None)
 
@@ -498,6 +503,7 @@ class FakeRegistry:
         """Clear every fault switch; requests held by a gate are released."""
         self.latency = 0.0
         self.no_range = False
+        self.chunked = False  # blob bodies without Content-Length (chunked), as some registries and CDNs send
         self.slow_rate: int | None = None
         self.token_fail: int | None = None
         self.redirect_to: str | None = None
@@ -921,7 +927,8 @@ class FakeRegistry:
                 if byte_range is not None:
                     start, end, status = *byte_range, 206
                     headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        headers["Content-Length"] = str(end - start)
+        if not self.chunked:
+            headers["Content-Length"] = str(end - start)
         head = request.method == b"HEAD"
         plan = _BodyPlan() if head else self._take_plan(digest, end - start)
         if plan.corrupt_at is not None and size:
