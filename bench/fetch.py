@@ -32,17 +32,16 @@ def download(url: str, barrier: threading.Barrier, expect_digest: str | None) ->
         connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
         response = connection.getresponse()
         status = response.status
+        # One byte first: readinto() would wait for a whole buffer (1 MiB), not for the first byte of the body.
+        view = memoryview(response.read(1))
+        if view:
+            first = time.monotonic()
         buffer = bytearray(BUFFER)
-        view = memoryview(buffer)
-        while True:
-            n = response.readinto(view)
-            if not n:
-                break
-            if first is None:
-                first = time.monotonic()
-            size += n
+        while view:
+            size += len(view)
             if sha is not None:
-                sha.update(view[:n])
+                sha.update(view)
+            view = memoryview(buffer)[: response.readinto(buffer)]
         error = None
     except (OSError, http.client.HTTPException) as e:
         status, error = 0, f"{type(e).__name__}: {e}"

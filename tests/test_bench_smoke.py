@@ -8,16 +8,19 @@ so no target is checked here; what is checked is that every scenario produced nu
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
 import os
 import re
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
-from twisted.internet import utils
+from twisted.internet import reactor, threads, utils
 from twisted.trial import unittest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -36,10 +39,6 @@ ROWS = [
     r"\| 5 \| skopeo copy of a \d+ MiB image, cold",
     r"\| 5 \| skopeo copy of a \d+ MiB image, warm",
 ]
-
-
-def _has_matplotlib() -> bool:
-    return importlib.util.find_spec("matplotlib") is not None
 
 
 class BenchSmokeTests(unittest.TestCase):
@@ -68,8 +67,45 @@ class BenchSmokeTests(unittest.TestCase):
         report = (out / "performance.md").read_text()
         self.assertIn("<!-- bench:begin -->", report)
         self.assertIn("| 1 | cached tag manifest", report)
-        if _has_matplotlib():
-            self.assertGreater((out / "img" / "performance.png").stat().st_size, 1000)
-        else:  # `pip install .[bench]` brings it; without it the bench says so instead of drawing
-            self.assertIn("(no chart: ", report)
+        # The chart is part of the report: matplotlib is in the test extras, so a missing chart is a failure.
+        self.assertNotIn("(no chart: ", report, "the bench drew no chart")
+        self.assertGreater((out / "img" / "performance.png").stat().st_size, 1000)
         self.assertEqual(docs.read_bytes() if docs.exists() else None, before, "the smoke run touched docs/")
+
+
+class _FirstByteThenPause(Resource):
+    """One body byte at once, the rest only after ``pause`` seconds."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes, pause: float) -> None:
+        super().__init__()
+        self.body, self.pause = body, pause
+
+    def render_GET(self, request):
+        request.setHeader("Content-Length", str(len(self.body)))
+        request.write(self.body[:1])
+        call = reactor.callLater(self.pause, self._rest, request)
+        request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
+        return NOT_DONE_YET
+
+    def _rest(self, request):
+        request.write(self.body[1:])
+        request.finish()
+
+
+class FetchTimingTests(unittest.TestCase):
+    async def test_ttfb_is_the_first_body_byte(self) -> None:
+        """bench.fetch promises the first byte of the body, not the first buffer of 1 MiB."""
+        from bench.fetch import download
+
+        body, pause = os.urandom(2 << 20), 3.0
+        port = reactor.listenTCP(0, Site(_FirstByteThenPause(body, pause)), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/blob"
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        result = await threads.deferToThread(download, url, threading.Barrier(1), digest)
+        print(f"\nfirst body byte after {result['ttfb'] * 1000:.1f} ms, whole body after {result['total']:.2f} s")
+        self.assertEqual((result["status"], result["bytes"], result["digest_ok"]), (200, len(body), True))
+        self.assertLess(result["ttfb"], pause / 2)
+        self.assertGreaterEqual(result["total"], pause * 0.9)
