@@ -28,7 +28,7 @@ from dioproxy.reload import apply_config
 from dioproxy.routing import Target, resolve
 from dioproxy.status import StatusBoard
 from dioproxy.tokensecret import shared_secret
-from dioproxy.upstream import TokenCache, UpstreamClient, make_http_client, make_pool
+from dioproxy.upstream import UpstreamClient, make_http_client, make_pool
 
 
 class Mirror:
@@ -116,13 +116,13 @@ class Mirror:
             raise name_unknown(target.registry)
         return client
 
-    def make_client(self, upstream: Upstream, config: Config | None = None, tokens: TokenCache | None = None) -> Any:
+    def make_client(self, upstream: Upstream, config: Config | None = None) -> Any:
         """An upstream client wired to our metrics (at start, and by a reload for a new or changed upstream)."""
         return UpstreamClient(
             upstream,
             self.http,
             self.reactor,
-            tokens or self.tokens,
+            self.tokens,
             public_http=self.public_http,
             timeout=(config or self.config).read_timeout,
             on_response=self.upstream_response,

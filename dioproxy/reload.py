@@ -23,8 +23,7 @@ from twisted.logger import Logger
 
 from dioproxy.config import Config
 from dioproxy.egress import make_public_http_client
-from dioproxy.metrics import CountingTokenCache
-from dioproxy.upstream import make_http_client
+from dioproxy.upstream import identity, make_http_client
 
 log = Logger()
 
@@ -62,12 +61,11 @@ def apply_config(mirror: Any, new: Config) -> list[str]:
             current.timeout = new.read_timeout  # read per request: in-flight ones keep theirs
             clients[name] = current
             continue
-        # Different credentials get a token cache of their own: a token fetched with the old ones is never reused.
-        same_credentials = current is not None and current.upstream.credentials == upstream.credentials
-        tokens = (
-            mirror.tokens if same_credentials or upstream.credentials is None else CountingTokenCache(mirror.metrics)
-        )
-        clients[name] = mirror.make_client(upstream, new, tokens)
+        if current is not None and current.upstream.credentials != upstream.credentials:
+            # Tokens are keyed by the credentials they were fetched with: the new ones never see the old ones'
+            # tokens, and those go now. What was seen with the old credentials stays private (see private.py).
+            mirror.tokens.forget(identity(current.upstream.credentials))
+        clients[name] = mirror.make_client(upstream, new)
 
     if new.security != old.security:
         mirror.apply_security(new)  # first: it may refuse (an unreadable htpasswd file) before anything changed

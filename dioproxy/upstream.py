@@ -6,10 +6,12 @@ path and get a treq response whose body is still unread, so blobs can be streame
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
 from base64 import b64encode
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -130,15 +132,25 @@ def read_limited(response: IResponse, limit: int) -> defer.Deferred:
 
 
 class TokenCache:
-    """Bearer tokens per (realm, service, scope), kept until shortly before they expire."""
+    """Bearer tokens per (realm, service, scope, credential identity), kept until shortly before they expire.
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._tokens: dict[tuple, tuple[str, float]] = {}
+    The identity (:func:`identity`) is part of the key, so a token fetched with credentials never serves a request
+    made without them or with others. Least recently used tokens go past ``max_entries``: scopes name repositories
+    that clients choose, and must not grow our memory without bound.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time, max_entries: int = 10_000) -> None:
+        self._tokens: OrderedDict[tuple, tuple[str, float]] = OrderedDict()
         self._clock = clock
+        self.max_entries = max_entries
+
+    def __len__(self) -> int:
+        return len(self._tokens)
 
     def get(self, key: tuple) -> str | None:
         entry = self._tokens.get(key)
         if entry and entry[1] > self._clock():
+            self._tokens.move_to_end(key)
             return entry[0]
         self._tokens.pop(key, None)
         return None
@@ -146,9 +158,24 @@ class TokenCache:
     def drop(self, key: tuple) -> None:
         self._tokens.pop(key, None)
 
+    def forget(self, who: str) -> None:
+        """Drop every token fetched with the credentials of this identity (they changed on a reload)."""
+        for key in [key for key in self._tokens if key[-1] == who]:
+            del self._tokens[key]
+
     def put(self, key: tuple, token: str, expires_in: float) -> None:
         margin = min(10.0, expires_in / 4)
         self._tokens[key] = (token, self._clock() + expires_in - margin)
+        self._tokens.move_to_end(key)
+        while len(self._tokens) > self.max_entries:
+            self._tokens.popitem(last=False)
+
+
+def identity(credentials: tuple[str, str] | None) -> str:
+    """Who tokens are fetched as: "anonymous", or a hash of the username and password (never the password)."""
+    if credentials is None:
+        return "anonymous"
+    return hashlib.sha256("\0".join(credentials).encode()).hexdigest()
 
 
 class UpstreamClient:
@@ -173,7 +200,7 @@ class UpstreamClient:
         #: For hops to hosts other than the upstream's own (redirects, token realms): public addresses only.
         self.public_http = public_http
         self.reactor = reactor
-        self.tokens = tokens or TokenCache()
+        self.tokens = tokens if tokens is not None else TokenCache()  # an empty cache is falsy
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -248,7 +275,10 @@ class UpstreamClient:
         return f"repository:{name}:pull" if name else None
 
     def _token_key(self, challenge: Challenge, scope: str | None) -> tuple:
-        return (challenge.params.get("realm"), challenge.params.get("service"), scope)
+        return (challenge.params.get("realm"), challenge.params.get("service"), scope, self._identity())
+
+    def _identity(self) -> str:
+        return identity(self.upstream.credentials)
 
     async def _auth_header(self, name: str | None) -> str | None:
         """The Authorization we can send up front, learnt from earlier challenges (saves a 401 round trip)."""
@@ -310,7 +340,7 @@ class UpstreamClient:
     async def _fetch_token(self, params: dict[str, str]) -> dict:
         """One token request per (realm, service, scope) at a time; concurrent callers share it."""
         realm = params.get("realm", "")
-        key = (realm, params.get("service"), params.get("scope"))
+        key = (realm, params.get("service"), params.get("scope"), self._identity())
         cached = self.tokens.get(key)
         if cached:
             return {"token": cached}
