@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web import client as webclient
 
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
+from dioproxy.routing import Target
 from dioproxy.storage import DiskStorage
 from dioproxy.upstream import UpstreamClient, abandon, header
 
@@ -59,11 +60,15 @@ def is_disk_full(error: BaseException | None) -> bool:
 
 
 class Fill:
-    """A download of one blob in progress, readable by any number of followers."""
+    """A download of one blob in progress, readable by any number of followers.
 
-    def __init__(self, digest: str, path: str, started: float = 0.0) -> None:
+    It runs with the repository of its first requester, ``target``: the upstream answers for that one.
+    """
+
+    def __init__(self, digest: str, path: str, target: Target, started: float = 0.0) -> None:
         self.digest = digest
         self.path = path
+        self.target = target
         self.started = started  # reactor time: the status page shows the fill's rate
         self.size: int | None = None
         self.written = 0
@@ -149,11 +154,11 @@ class _BodyWriter(protocol.Protocol):
 class _FillRunner:
     """Drives one :class:`Fill` from the upstream: request, resume on a cut, verify, commit."""
 
-    def __init__(self, fill: Fill, fd: int, client: UpstreamClient, name: str, manager: FillManager) -> None:
+    def __init__(self, fill: Fill, fd: int, client: UpstreamClient, manager: FillManager) -> None:
         self.fill = fill
         self.fd = fd
         self.client = client
-        self.name = name
+        self.name = fill.target.name
         self.storage = manager.storage
         self.reactor = manager.reactor
         self.read_timeout = manager.read_timeout
@@ -265,7 +270,8 @@ class FillManager:
     def get(self, digest: str) -> Fill | None:
         return self.fills.get(digest)
 
-    def start(self, digest: str, client: UpstreamClient, name: str) -> Fill:
+    def start(self, digest: str, client: UpstreamClient, target: Target) -> Fill:
+        """The fill under way for ``digest``, or a new one asking ``client`` for it in ``target``'s repository."""
         existing = self.fills.get(digest)
         if existing is not None:
             return existing
@@ -278,9 +284,9 @@ class FillManager:
                 self._disk_full()
                 raise DiskFull() from e
             raise
-        fill = Fill(digest, path, self.reactor.seconds())
+        fill = Fill(digest, path, target, self.reactor.seconds())
         self.fills[digest] = fill
-        runner = _FillRunner(fill, fd, client, name, self)
+        runner = _FillRunner(fill, fd, client, self)
         d = defer.ensureDeferred(runner.run())
         d.addBoth(self._finished, fill, fd, fill.started)
         return fill

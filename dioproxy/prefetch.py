@@ -130,7 +130,7 @@ async def fetch_blob(mirror: Any, target: Any, digest: str) -> int | None:
     fill = mirror.fills.get(digest)
     if fill is None:
         mirror.private.mark(target, digest)
-        fill = mirror.fills.start(digest, mirror.client(target), target.name)
+        fill = mirror.fills.start(digest, mirror.client(target), target)
     config = mirror.config
     stall = 2 * config.read_timeout + config.connect_timeout
     while not (fill.done or fill.failure):

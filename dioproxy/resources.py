@@ -212,16 +212,18 @@ class Blobs(Endpoint):
             if self._accel(request, digest, head):
                 return None
             return self._send_file(request, mirror.storage.blob_path(digest), size, head, None)
-        fill = mirror.fills.get(digest)
-        if fill is not None:
-            await mirror.private.check(target, digest, "blobs")
-        elif head:
-            return await self._pass_through(request, target, digest, head)
-        request.dioproxy_outcome = "miss"
-        try:
+        if head:  # a HEAD follows a fill under way, but starts none
+            fill = mirror.fills.get(digest)
             if fill is None:
+                return await self._pass_through(request, target, digest, head)
+        try:
+            if not head:
+                fill = mirror.fills.start(digest, mirror.client(target), target)  # or joins the one under way
+            if fill.target is target:
                 mirror.private.mark(target, digest)
-                fill = mirror.fills.start(digest, mirror.client(target), target.name)
+            else:
+                await mirror.private.check(target, digest, "blobs")
+            request.dioproxy_outcome = "miss"
             await fill.ready()
         except DiskFull:
             return await self._pass_through(request, target, digest, head)

@@ -182,7 +182,8 @@ class StalledFillTests(unittest.TestCase):
         """The wait on a fill has a deadline (2 x timeouts.read + timeouts.connect without a byte), a backstop
         behind the fill's own stall timer; progress restarts it."""
         clock = task.Clock()
-        fill = Fill("sha256:" + "c" * 64, "/nonexistent")
+        target = type("T", (), {"registry": "docker.io"})()
+        fill = Fill("sha256:" + "c" * 64, "/nonexistent", target)
 
         class Stub:
             reactor = clock
@@ -190,7 +191,6 @@ class StalledFillTests(unittest.TestCase):
             storage = type("S", (), {"blob_size": staticmethod(lambda digest: None)})()
             fills = type("F", (), {"get": staticmethod(lambda digest: fill)})()
 
-        target = type("T", (), {"registry": "docker.io"})()
         d = defer.ensureDeferred(fetch_blob(Stub(), target, fill.digest))
         clock.advance(20)
         fill.written = 1
