@@ -163,6 +163,7 @@ class _FillRunner:
         self.reactor = manager.reactor
         self.read_timeout = manager.read_timeout
         self.make_room = manager.make_room
+        self.verified = manager.verified
         self.sha = hashlib.sha256()
         self.error: Exception | None = None
 
@@ -212,6 +213,8 @@ class _FillRunner:
         if got != fill.digest:
             raise FillFailed(f"upstream sent bytes with digest {got}, not {fill.digest}")
         await threads.deferToThread(os.fsync, self.fd)
+        if self.verified is not None:
+            self.verified(fill.target, fill.digest)  # before the blob appears: no process may find it unrecorded
         self.storage.commit_blob(fill.path, fill.digest)
 
     async def _check_space(self, size: int) -> None:
@@ -231,7 +234,7 @@ class _FillRunner:
     def _check_response(self, response: Any) -> int:
         """Learn the size from the first answer; on a resume, how many bytes to skip. Raises on errors."""
         fill = self.fill
-        if response.code == 404:
+        if response.code in (401, 403, 404):  # not in this repository (or not for us): another may have it
             raise blob_unknown(fill.digest)
         if response.code == 200:
             length = response.length if isinstance(response.length, int) else None
@@ -264,6 +267,9 @@ class FillManager:
         self.on_done = on_done
         #: Frees at least that many bytes of the cache disk (the size bound's least recently used entries).
         self.make_room = make_room
+        #: ``f(target, digest)`` once a blob is verified, before it is committed (the private record); raising
+        #: fails the fill.
+        self.verified: Callable[[Target, str], None] | None = None
         self.fills: dict[str, Fill] = {}
         self.disk_full_until = 0.0
 

@@ -203,8 +203,13 @@ class Manifests:
         return Manifest(digest, media_type, body, "miss")
 
     def _put(self, target: Target, digest: str, media_type: str, body: bytes) -> None:
+        """Cache a manifest the upstream just served for ``target``: its private record first, or not at all."""
         if self.private:
-            self.private.mark(target, digest)
+            try:
+                self.private.mark(target, digest)
+            except OSError as e:
+                log.warn("cannot record where {digest} was seen, not caching it: {e}", digest=digest, e=e)
+                return
         self.store.put(digest, media_type, body)
 
     async def _by_tag(self, target: Target, tag: str, ttl: float) -> Manifest:

@@ -65,6 +65,9 @@ class Mirror:
         #: ``f(old, new)`` after each applied reload, for whatever else builds state from the config.
         self.reloaders: list = []
         self.private = PrivateContent(self.storage, self.client) if self.storage else None
+        if self.private:
+            self.fills.verified = self.private.mark
+            self.cache.on_evict.append(self.private.evicted)
         self.manifests = Manifests(
             ManifestStore(self.storage),
             TagIndex(self.storage),

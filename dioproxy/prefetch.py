@@ -128,8 +128,7 @@ async def fetch_blob(mirror: Any, target: Any, digest: str) -> int | None:
     if mirror.storage.blob_size(digest) is not None:
         return None
     fill = mirror.fills.get(digest)
-    if fill is None:
-        mirror.private.mark(target, digest)
+    if fill is None:  # its private record is written once the blob is verified
         fill = mirror.fills.start(digest, mirror.client(target), target)
     config = mirror.config
     stall = 2 * config.read_timeout + config.connect_timeout

@@ -21,11 +21,12 @@ from twisted.web import resource, server
 from dioproxy import status, statuspage
 from dioproxy.auth import SERVICE, scope_repositories
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown, unsupported
-from dioproxy.fill import DiskFull
+from dioproxy.fill import DiskFull, Fill
 from dioproxy.manifests import INDEX_TYPES
 from dioproxy.metrics import MetricsPage
 from dioproxy.mirror import Mirror
 from dioproxy.names import check_digest, check_reference
+from dioproxy.private import repository
 from dioproxy.routing import Target
 from dioproxy.site import client_address
 from dioproxy.streaming import UpstreamPipe, parse_range, stream_file
@@ -212,21 +213,13 @@ class Blobs(Endpoint):
             if self._accel(request, digest, head):
                 return None
             return self._send_file(request, mirror.storage.blob_path(digest), size, head, None)
-        if head:  # a HEAD follows a fill under way, but starts none
-            fill = mirror.fills.get(digest)
-            if fill is None:
-                return await self._pass_through(request, target, digest, head)
         try:
-            if not head:
-                fill = mirror.fills.start(digest, mirror.client(target), target)  # or joins the one under way
-            if fill.target is target:
-                mirror.private.mark(target, digest)
-            else:
-                await mirror.private.check(target, digest, "blobs")
-            request.dioproxy_outcome = "miss"
-            await fill.ready()
+            fill = await self._fill(target, digest, head)
         except DiskFull:
+            fill = None
+        if fill is None:
             return await self._pass_through(request, target, digest, head)
+        request.dioproxy_outcome = "miss"
         if request._disconnected:
             return
         try:
@@ -235,6 +228,32 @@ class Blobs(Endpoint):
         except FileNotFoundError:  # the fill was committed between ready() and open()
             fd = os.open(mirror.storage.blob_path(digest), os.O_RDONLY)
         self._send_file(request, fd, fill.size, head, None if fill.done else fill)
+
+    async def _fill(self, target: Target, digest: str, head: bool) -> Fill | None:
+        """The fill this request reads, once the upstream answered and ``target`` may read it; None for a HEAD
+        when no fill is under way (a HEAD starts none).
+
+        A fill runs with its first requester's repository. A follower through another repository waits until
+        the upstream confirmed that one holds the blob too (content fetched with credentials has no record yet);
+        and when the upstream does not have the blob where the fill asked, the follower asks under its own name.
+        """
+        mirror = self.mirror
+        key = repository(target)
+        while True:
+            fill = mirror.fills.get(digest) if head else mirror.fills.start(digest, mirror.client(target), target)
+            if fill is None:
+                return None
+            theirs = repository(fill.target) != key
+            if theirs:
+                credentialed = fill.target.upstream.credentials is not None
+                await mirror.private.check(target, digest, "blobs", credentialed)
+            try:
+                await fill.ready()
+                return fill
+            except RegistryError as e:
+                if not theirs or e.code != "BLOB_UNKNOWN":
+                    raise
+                # Retried at once, in the turn the fill failed: nothing else can start one in between.
 
     def _accel(self, request: server.Request, digest: str, head: bool) -> bool:
         """Behind nginx (``cache.accel_redirect``, and nginx saying ``X-Dioproxy-Accel: on``), let nginx send the

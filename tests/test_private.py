@@ -1,11 +1,167 @@
 """Content fetched with upstream credentials fails closed: marked only once the upstream confirmed, visible to every
 process on the cache directory, never served through another repository the upstream did not vouch for."""
 
+import contextlib
+import json
+import os
+
 from twisted.internet import defer
 from twisted.trial import unittest
+from twisted.web.client import ResponseFailed
 
 from dioproxy.config import build_config
-from tests.harness import Proxy, start_upstream
+from tests.harness import Proxy, eventually, start_upstream
+
+
+class PrivateBlobTests(unittest.TestCase):
+    def setUp(self):
+        self.ghcr = start_upstream(self, users={"bot": "pat"}, private=["acme/private"])
+        self.ghcr.strict_repos = True
+        self.secret = self.ghcr.add_image("acme/private", "1.0", layer_sizes=[300_000])
+        self.layer = self.secret.layer_digests[0]
+        self.ghcr.add_image("attacker/x", "1.0", layer_sizes=[10])
+        self.proxy = self.start_proxy()
+
+    def start_proxy(self, cache_dir=None):
+        upstream = {"url": self.ghcr.registry_url, "username": "bot", "password": "pat"}
+        return Proxy(self, self.ghcr.registry_url, cache_dir=cache_dir, upstreams={"ghcr.io": upstream})
+
+    @defer.inlineCallbacks
+    def fetch(self, path, proxy=None):
+        response = yield (proxy or self.proxy).get(path)
+        body = yield response.content()
+        return response.code, body
+
+    def record(self, digest):
+        return os.path.join(self.proxy.cache_dir, "private", digest.split(":", 1)[1])
+
+    @defer.inlineCallbacks
+    def test_a_refused_request_leaves_no_mark(self):
+        """attacker/x asks for the secret layer first (the upstream says 404), org/secret then caches it: the
+        attacker's name must not have been recorded as holding it."""
+        code, _ = yield self.fetch(f"/v2/ghcr.io/attacker/x/blobs/{self.layer}")
+        self.assertEqual(code, 404)
+        code, body = yield self.fetch(f"/v2/ghcr.io/acme/private/blobs/{self.layer}")
+        self.assertEqual((code, body == self.secret.layers[0]), (200, True))
+        code, body = yield self.fetch(f"/v2/ghcr.io/attacker/x/blobs/{self.layer}")
+        self.assertEqual(code, 404, "the private bytes went to a repository the upstream refused")
+        self.assertNotIn(self.secret.layers[0][:1000], body)
+
+    @defer.inlineCallbacks
+    def test_a_corrupt_record_counts_as_private(self):
+        code, _ = yield self.fetch(f"/v2/ghcr.io/acme/private/blobs/{self.layer}")
+        self.assertEqual(code, 200)
+        for damage in (b"{not json", b'{"a": 1}', b""):
+            with open(self.record(self.layer), "wb") as f:
+                f.write(damage)
+            restarted = self.start_proxy(cache_dir=self.proxy.cache_dir)
+            code, _ = yield self.fetch(f"/v2/ghcr.io/attacker/x/blobs/{self.layer}", proxy=restarted)
+            self.assertEqual(code, 404, damage)
+        # The rightful repository is confirmed again by the upstream and served.
+        code, body = yield self.fetch(f"/v2/ghcr.io/acme/private/blobs/{self.layer}", proxy=restarted)
+        self.assertEqual((code, body == self.secret.layers[0]), (200, True))
+
+    @defer.inlineCallbacks
+    def test_an_unreadable_record_counts_as_private(self):
+        code, _ = yield self.fetch(f"/v2/ghcr.io/acme/private/blobs/{self.layer}")
+        self.assertEqual(code, 200)
+        os.unlink(self.record(self.layer))
+        os.mkdir(self.record(self.layer))  # open() fails with EISDIR, not ENOENT
+        restarted = self.start_proxy(cache_dir=self.proxy.cache_dir)
+        code, _ = yield self.fetch(f"/v2/ghcr.io/attacker/x/blobs/{self.layer}", proxy=restarted)
+        self.assertEqual(code, 404)
+
+    @defer.inlineCallbacks
+    def test_records_are_shared_by_processes_on_one_cache_directory(self):
+        other = self.start_proxy(cache_dir=self.proxy.cache_dir)  # started before the record exists
+        code, _ = yield self.fetch(f"/v2/ghcr.io/acme/private/blobs/{self.layer}")
+        self.assertEqual(code, 200)
+        code, _ = yield self.fetch(f"/v2/ghcr.io/attacker/x/blobs/{self.layer}", proxy=other)
+        self.assertEqual(code, 404, "the other process took a new private digest for public")
+        code, body = yield self.fetch(f"/v2/ghcr.io/acme/private/blobs/{self.layer}", proxy=other)
+        self.assertEqual((code, body == self.secret.layers[0]), (200, True))
+
+    @defer.inlineCallbacks
+    def test_a_follower_from_another_repository_waits_for_the_upstream(self):
+        """While acme/private's fill runs there is no record yet: a follower through another repository is served
+        only once the upstream said (HEAD, with its own name) that this repository holds the blob too."""
+        self.ghcr.add_image("acme/also", "1.0", layers=[self.secret.layers[0]])
+        gate = self.ghcr.gate_blob(self.layer)
+        self.addCleanup(lambda: gate.called or gate.callback(None))
+        first = self.proxy.get(f"/v2/ghcr.io/acme/private/blobs/{self.layer}")
+        yield self.ghcr.wait_for_requests(1, "cdn", "GET", self.layer)
+        self.assertFalse(os.path.exists(self.record(self.layer)), "marked before the upstream confirmed")
+        attacker = self.fetch(f"/v2/ghcr.io/attacker/x/blobs/{self.layer}")
+        yield self.ghcr.wait_for_requests(1, "registry", "HEAD", f"attacker/x/blobs/{self.layer}", timeout=10)
+        code, _ = yield attacker
+        self.assertEqual(code, 404, "a follower from another repository was served a credentialed fill")
+        heads = self.ghcr.find("registry", "HEAD", f"attacker/x/blobs/{self.layer}")
+        self.assertEqual([r.status for r in heads][-1:], [404])
+        also = self.proxy.get(f"/v2/ghcr.io/acme/also/blobs/{self.layer}")
+        yield self.ghcr.wait_for_requests(1, "registry", "HEAD", f"acme/also/blobs/{self.layer}")
+        gate.callback(None)
+        for pending in (first, also):
+            response = yield pending
+            body = yield response.content()
+            self.assertEqual((response.code, body == self.secret.layers[0]), (200, True))
+        self.assertEqual(self.ghcr.count("cdn", "GET", self.layer), 1, "the follower shared the fill")
+        with open(self.record(self.layer)) as f:
+            self.assertEqual(sorted(json.load(f)), ["ghcr.io/acme/also", "ghcr.io/acme/private"])
+
+    @defer.inlineCallbacks
+    def test_nothing_is_cached_without_its_record(self):
+        with open(os.path.join(self.proxy.cache_dir, "private"), "w"):
+            pass  # no record can be written under a file
+        code, body = yield self.fetch(f"/v2/ghcr.io/acme/private/manifests/{self.secret.digest}")
+        self.assertEqual((code, body), (200, self.secret.body))
+        self.assertIsNone(self.proxy.mirror.storage.read_manifest(self.secret.digest))
+        self.assertIsNone(self.proxy.mirror.manifests.store.get(self.secret.digest))
+        # The fill fails rather than commit a blob without its record (its readers are cut off before the tail).
+        with contextlib.suppress(ResponseFailed):
+            code, _ = yield self.fetch(f"/v2/ghcr.io/acme/private/blobs/{self.layer}")
+            self.assertNotEqual(code, 200)
+        self.assertIsNone(self.proxy.mirror.storage.blob_size(self.layer))
+
+    @defer.inlineCallbacks
+    def test_records_go_with_their_content(self):
+        code, _ = yield self.fetch(f"/v2/ghcr.io/acme/private/blobs/{self.layer}")
+        self.assertEqual(code, 200)
+        yield self.proxy.mirror.cache.when_ready()
+        self.assertTrue(os.path.exists(self.record(self.layer)))
+        yield self.proxy.mirror.cache.make_room(10**15)  # evicts everything
+        self.assertFalse(os.path.exists(self.record(self.layer)))
+
+
+class ForeignFillTests(unittest.TestCase):
+    """A fill runs with its first requester's repository; the upstream's 404 there is not the follower's answer."""
+
+    @defer.inlineCallbacks
+    def follow(self, hub, latency):
+        hub.strict_repos = True
+        image = hub.add_image("team/b", "1", layer_sizes=[200_000])
+        hub.add_image("team/a", "1", layer_sizes=[10])
+        layer = image.layer_digests[0]
+        proxy = Proxy(self, hub.registry_url)
+        hub.latency = latency  # team/a's GET is refused after team/b's request joined the fill
+        first = proxy.get(f"/v2/team/a/blobs/{layer}")
+        fill = yield eventually(lambda: proxy.mirror.fills.get(layer))
+        second = proxy.get(f"/v2/team/b/blobs/{layer}")
+        yield eventually(lambda: len(fill._waiters) >= 2)
+        response = yield first
+        yield response.content()
+        self.assertEqual(response.code, 404)
+        response = yield second
+        body = yield response.content()
+        self.assertEqual((response.code, body == image.layers[0]), (200, True))
+        self.assertEqual(hub.count("registry", "GET", f"team/b/blobs/{layer}"), 1)
+
+    def test_a_follower_retries_with_its_own_repository(self):
+        return self.follow(start_upstream(self, require_auth=False), latency=2.0)
+
+    def test_also_when_the_first_repository_is_not_for_us(self):
+        """The upstream answers 401 for a repository our token does not cover: for a blob, as for a manifest, that
+        is BLOB_UNKNOWN there, not an upstream failure."""
+        return self.follow(start_upstream(self, private=["team/a"]), latency=1.0)
 
 
 class TokenCacheTests(unittest.TestCase):
