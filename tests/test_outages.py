@@ -168,7 +168,7 @@ class FailureKindTests(unittest.TestCase):
         self.assertEqual(response.code, 404, (yield response.content()))
         yield response.content()
         self.assertIsNotNone(self.health.snapshot()["docker.io"]["last_success"])
-        self.fake.fail_next(5, status=429, role=None)
+        self.fake.fail_next(5, status=429)
         response = yield self.proxy.get("/v2/library/hello/manifests/1.0")
         self.assertEqual(response.code, 429)
         yield response.content()
@@ -362,7 +362,10 @@ class ConfigTests(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, key or "cache.negative_ttl"):
                 build_config(bad)
         fake = start_upstream(self)
-        proxy = Proxy(self, fake.registry_url)
+        proxy = Proxy(self, fake.registry_url, timeouts={"offline": 7})
+        proxy.mirror.health.failed("ghcr.io", "ConnectError")
+        state = proxy.mirror.health.snapshot()["ghcr.io"]
+        self.assertEqual(state["offline_until"] - state["last_error_at"], 7)
         proxy.mirror.health.failed("docker.io", "ConnectError")
         proxy.mirror.health.failed("quay.io", "ConnectError")
         changes = proxy.mirror.apply(
