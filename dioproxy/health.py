@@ -62,6 +62,7 @@ class Health:
         self.window = window
         self.clock = clock
         self._states: dict[str, _State] = {}
+        self._probes: set[defer.Deferred] = set()
 
     def track(self, registries: Iterable[str]) -> None:
         """The configured registries (at start and after a reload): new ones start up, removed ones are dropped."""
@@ -117,6 +118,11 @@ class Health:
                 window=self.window,
             )
 
+    def stop(self) -> None:
+        """Cancel the probes under way (at shutdown: none may hand a connection back to a closed pool)."""
+        for d in list(self._probes):
+            d.cancel()
+
     def snapshot(self) -> dict[str, dict]:
         """Per registry: ``last_success``, ``last_error``, ``last_error_at``, ``offline_until`` (Unix times, or None;
         ``offline_until`` is None while the registry is up)."""
@@ -142,9 +148,11 @@ class Health:
         state.probing, state.last_probe = True, now
         d = defer.ensureDeferred(probe())
         d.addTimeout(max(self.window, 0.001), self.reactor)
+        self._probes.add(d)
 
         def answered(code: int) -> None:
             state.probing = False
+            self._probes.discard(d)
             if self._states.get(registry) is not state:  # forgotten by a reload meanwhile
                 return
             if code < 500:
@@ -154,6 +162,7 @@ class Health:
 
         def broke(failure: Failure) -> None:
             state.probing = False
+            self._probes.discard(d)
             if self._states.get(registry) is state:
                 self.failed(registry, f"probe: {failure.type.__name__}: {failure.value}")
 

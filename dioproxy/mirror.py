@@ -182,6 +182,7 @@ class Mirror:
     def close(self) -> Any:
         """Drop the upstream connections we keep for reuse, stop the cache bound's timers (a Deferred)."""
         self.prefetcher.stop()
+        self.health.stop()
         stopped = self.cache.stop() if self.cache else defer.succeed(None)
         closed = defer.gatherResults([self.pool.closeCachedConnections(), stopped])
         return closed.addBoth(self._stop_pools)

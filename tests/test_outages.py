@@ -288,6 +288,14 @@ class HealthTests(unittest.TestCase):
         self.probe.calls[2].callback(200)
         self.check()
 
+    def test_stop_cancels_the_probe(self):
+        """At shutdown: a probe still under way would hand its connection back to a closed pool."""
+        self.health.failed("docker.io", "TimeoutError")
+        self.assertRaises(Offline, self.check)
+        self.health.stop()
+        self.assertTrue(self.probe.calls[0].called)
+        self.assertEqual(self.clock.getDelayedCalls(), [], "the probe's deadline is gone too")
+
     def test_zero_window_never_goes_offline(self):
         self.health.window = 0
         self.health.failed("docker.io", "ConnectError")
