@@ -12,9 +12,8 @@ from dioproxy import health as health_module
 from dioproxy.config import build_config
 from dioproxy.health import Health, Offline
 from dioproxy.manifests import UnknownTags
-from tests.harness import Proxy, start_upstream
+from tests.harness import Proxy, eventually, start_upstream
 from tests.test_ops_metrics import value
-from tests.test_ops_reload import eventually
 
 STALE = ['110 - "Response is Stale"']
 
