@@ -101,6 +101,8 @@ class Config:
     default_registry: str = "docker.io"
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    offline_timeout: float = 30.0  # after an upstream failure, its registry is offline this long (dioproxy.health)
+    negative_ttl: float = 30.0  # a tag the upstream answered 404 for is answered 404 from memory this long
     security: Security = field(default_factory=Security)
     prefetch: tuple[PrefetchImage, ...] = ()
 
@@ -179,9 +181,9 @@ _TOP_KEYS = {
     "tls",
     "prefetch",
 }
-_CACHE_KEYS = {"dir", "tag_ttl", "enabled", "max_size", "max_age", "accel_redirect"}
+_CACHE_KEYS = {"dir", "tag_ttl", "enabled", "max_size", "max_age", "accel_redirect", "negative_ttl"}
 _UPSTREAM_KEYS = {"url", "username", "password", "redirect_hosts"}
-_TIMEOUT_KEYS = {"connect", "read"}
+_TIMEOUT_KEYS = {"connect", "read", "offline"}
 _AUTH_KEYS = {"htpasswd", "token_ttl", "secret", "metrics_allow"}
 _RATE_KEYS = {"rate", "burst", "trusted_proxies"}
 _TLS_KEYS = {"cert", "key"}
@@ -271,6 +273,8 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
         default_registry=default,
         connect_timeout=parse_duration(timeouts.get("connect", 10), "timeouts.connect"),
         read_timeout=parse_duration(timeouts.get("read", 60), "timeouts.read"),
+        offline_timeout=parse_duration(timeouts.get("offline", 30), "timeouts.offline"),
+        negative_ttl=parse_duration(cache.get("negative_ttl", 30), "cache.negative_ttl"),
         prefetch=_prefetch(data.get("prefetch"), upstreams),
     )
 

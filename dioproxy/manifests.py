@@ -2,7 +2,9 @@
 
 Docker Hub counts manifest GETs, not HEADs, against its rate limit: a tag within its TTL costs the upstream
 nothing; past it, one HEAD; a body is fetched only when the digest is new. When the upstream fails, the last known
-digest is served (stale) rather than failing the pull.
+digest is served (stale) rather than failing the pull, at once while the registry is offline
+(:mod:`dioproxy.health`). A tag the upstream does not know is remembered for a short while, so a storm of requests
+for a typo costs the upstream one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Callable
 from twisted.logger import Logger
 
 from dioproxy.errors import RegistryError, UpstreamError, manifest_unknown
+from dioproxy.health import Offline
 from dioproxy.names import is_digest
 from dioproxy.private import PrivateContent
 from dioproxy.routing import Target
@@ -144,6 +147,37 @@ class TagIndex:
             self.storage.delete_tag(registry, name, tag)
 
 
+class UnknownTags:
+    """Tags the upstream answered 404 for, until an expiry: a bounded LRU in memory (typos must not grow it)."""
+
+    MEMORY = 10_000
+
+    def __init__(self) -> None:
+        self._expiry: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def add(self, key: tuple[str, str, str], until: float) -> None:
+        self._expiry[key] = until
+        self._expiry.move_to_end(key)
+        if len(self._expiry) > self.MEMORY:
+            self._expiry.popitem(last=False)
+
+    def forget(self, registry: str) -> None:
+        """Drop what ``registry`` said (its URL or credentials changed: a 404 then says nothing about now)."""
+        for key in [k for k in self._expiry if k[0] == registry]:
+            del self._expiry[key]
+
+    def known(self, key: tuple[str, str, str], now: float) -> bool:
+        """Whether ``key`` is still known to be unknown at ``now``."""
+        until = self._expiry.get(key)
+        if until is not None and now >= until:
+            del self._expiry[key]
+            until = None
+        return until is not None
+
+
 class Manifests:
     """Answers manifest requests from the cache, asking the upstream only when it must."""
 
@@ -156,6 +190,8 @@ class Manifests:
         tag_ttl: float,
         caching: bool = True,
         private: PrivateContent | None = None,
+        negative_ttl: float = 0.0,
+        on_stale: Callable[[str, str], None] | None = None,
     ) -> None:
         self.store = store
         self.tags = tags
@@ -164,6 +200,10 @@ class Manifests:
         self.tag_ttl = tag_ttl
         self.caching = caching
         self.private = private
+        #: ``cache.negative_ttl``: how long a tag the upstream answered 404 for is answered 404 from memory.
+        self.negative_ttl = negative_ttl
+        self.unknown = UnknownTags()
+        self.on_stale = on_stale
         self._flights = SingleFlight()
 
     def drop_memory(self) -> None:
@@ -214,8 +254,10 @@ class Manifests:
 
     async def _by_tag(self, target: Target, tag: str, ttl: float) -> Manifest:
         registry, name = target.registry, target.name
-        entry = self.tags.get(registry, name, tag)
         now = self.clock()
+        if self.unknown.known((registry, name, tag), now):
+            raise manifest_unknown(name, tag)
+        entry = self.tags.get(registry, name, tag)
         if entry is not None and now - entry.checked < ttl:
             cached = self.store.get(entry.digest)
             if cached is not None:
@@ -232,17 +274,23 @@ class Manifests:
             cached = self.store.get(entry.digest) if entry is not None else None
             if cached is None:
                 raise
-            log.warn(
-                "upstream {registry} failed ({why}); serving stale {name}:{tag}",
-                registry=registry,
-                why=e.reason,
-                name=name,
-                tag=tag,
-            )
+            offline = isinstance(e, Offline)  # said once by dioproxy.health, not for every request
+            if not offline:
+                log.warn(
+                    "upstream {registry} failed ({why}); serving stale {name}:{tag}",
+                    registry=registry,
+                    why=e.reason,
+                    name=name,
+                    tag=tag,
+                )
+            if self.on_stale:
+                self.on_stale(registry, "offline" if offline else "error")
             return Manifest(entry.digest, cached[0], cached[1], "stale")
         except RegistryError as e:
             if e.code == "MANIFEST_UNKNOWN":
                 self.tags.forget(registry, name, tag)
+                if self.negative_ttl > 0:
+                    self.unknown.add((registry, name, tag), now + self.negative_ttl)
             raise
         self.tags.put(registry, name, tag, TagEntry(manifest.digest, manifest.media_type, len(manifest.body), now))
         return manifest

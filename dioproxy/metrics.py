@@ -126,6 +126,14 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.stale_answers = Counter(
+            "stale_answers",
+            "Tags answered from the cache past their tag_ttl because the upstream could not say: reason=offline "
+            "(its registry is in its offline window: answered at once) or error (it failed on this request)",
+            ["registry", "reason"],
+            namespace=ns,
+            registry=r,
+        )
         self.token_fetches = Counter(
             "token_fetches",
             "Bearer tokens fetched from upstream token services, by service",
@@ -212,6 +220,10 @@ class Metrics:
     def upstream_error(self, registry: str, reason: str) -> None:
         """``UpstreamClient.on_error``: the upstream could not be reached (no HTTP answer)."""
         self.upstream_errors.labels(registry, "network").inc()
+
+    def stale_answer(self, registry: str, reason: str) -> None:
+        """``Manifests.on_stale``: a tag was served stale."""
+        self.stale_answers.labels(registry, reason).inc()
 
     def fill_done(self, fill: Any, seconds: float) -> None:
         """``FillManager.on_done``: a blob was verified and stored."""

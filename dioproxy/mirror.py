@@ -18,6 +18,7 @@ from dioproxy.egress import make_public_http_client
 from dioproxy.errors import name_unknown
 from dioproxy.eviction import CacheBound, IndexedStorage, inflight_bytes
 from dioproxy.fill import FillManager
+from dioproxy.health import Health
 from dioproxy.manifests import Manifests, ManifestStore, TagIndex
 from dioproxy.metrics import CountingTokenCache, Metrics
 from dioproxy.policy import ClientAddresses, RateLimiter, check_access
@@ -44,6 +45,9 @@ class Mirror:
         self.http = http or make_http_client(reactor, config, self.pool)
         self.public_http = make_public_http_client(reactor, config, self.pool)
         self.tokens = CountingTokenCache(self.metrics)
+        #: Which registries are up; offline ones are answered at once (stale or 503) while one probe asks.
+        self.health = Health(reactor, config.offline_timeout)
+        self.health.track(config.upstreams)
         self.clients = {name: self.make_client(upstream) for name, upstream in config.upstreams.items()}
         self.fills = (
             FillManager(self.storage, reactor, config.read_timeout, self.metrics.fill_done, self.make_room)
@@ -76,8 +80,11 @@ class Mirror:
             config.tag_ttl,
             caching=config.cache_enabled,
             private=self.private,
+            negative_ttl=config.negative_ttl,
+            on_stale=self.metrics.stale_answer,
         )
         self._made_secret: str | None = None
+        self.reloaders.append(self._reconfigure_outages)
         self.apply_security(config)
         self.metrics.watch(self.state)
         #: Traffic history and the most pulled repositories, for the status page.
@@ -130,7 +137,18 @@ class Mirror:
             timeout=(config or self.config).read_timeout,
             on_response=self.upstream_response,
             on_error=self.metrics.upstream_error,
+            health=self.health,
         )
+
+    def _reconfigure_outages(self, old: Config, new: Config) -> None:
+        """A reload: the new window and negative TTL; a registry whose URL or credentials changed starts afresh."""
+        self.health.window = new.offline_timeout
+        self.health.track(new.upstreams)
+        for name, upstream in new.upstreams.items():
+            if old.upstreams.get(name) not in (None, upstream):
+                self.health.forget(name)
+                self.manifests.unknown.forget(name)
+        self.manifests.negative_ttl = new.negative_ttl
 
     def apply(self, config: Config) -> list[str]:
         """Put a new, validated configuration in force at once; in-flight transfers keep their clients.
@@ -167,6 +185,7 @@ class Mirror:
     def close(self) -> Any:
         """Drop the upstream connections we keep for reuse, stop the cache bound's timers (a Deferred)."""
         self.prefetcher.stop()
+        self.health.stop()
         stopped = self.cache.stop() if self.cache else defer.succeed(None)
         closed = defer.gatherResults([self.pool.closeCachedConnections(), stopped])
         return closed.addBoth(self._stop_pools)

@@ -169,6 +169,8 @@ class Manifests(Endpoint):
         target = self.target(request)
         reference = check_reference(self.argument)
         manifest = await self.mirror.manifests.get(target, reference)
+        if manifest.outcome == "stale":  # RFC 7234 5.5.1 (dropped by RFC 9111, still understood)
+            request.setHeader("Warning", '110 - "Response is Stale"')
         if manifest.media_type in INDEX_TYPES and not _accepts(request, manifest.media_type):
             manifest = await self._platform_default(target, manifest)
         request.dioproxy_outcome = manifest.outcome

@@ -26,6 +26,7 @@ from twisted.web.iweb import IResponse
 from dioproxy.config import Config, Upstream
 from dioproxy.egress import InternalAddress
 from dioproxy.errors import UpstreamError
+from dioproxy.health import Health
 from dioproxy.singleflight import SingleFlight
 
 log = Logger()
@@ -42,6 +43,7 @@ MAX_REDIRECTS = 5
 _CHALLENGE_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 _NETWORK_ERRORS = (
     error.ConnectError,
+    error.ConnectingCancelledError,
     error.ConnectionLost,
     error.ConnectionClosed,
     error.DNSLookupError,
@@ -75,6 +77,13 @@ def parse_challenge(header: str) -> Challenge | None:
 def header(response: IResponse, name: str) -> str | None:
     values = response.headers.getRawHeaders(name)
     return values[0] if values else None
+
+
+def _cancelled(e: Exception) -> bool:
+    """Whether a request failed because it was cancelled (by treq's timeout, or by whoever awaited it)."""
+    if isinstance(e, webclient.ResponseNeverReceived):
+        return any(reason.check(defer.CancelledError) for reason in e.reasons)
+    return isinstance(e, (defer.CancelledError, error.ConnectingCancelledError))
 
 
 class _Discard(protocol.Protocol):
@@ -194,6 +203,7 @@ class UpstreamClient:
         backoff: float = 0.25,
         on_response: Callable[[str, str, int, IResponse], None] | None = None,
         on_error: Callable[[str, str], None] | None = None,
+        health: Health | None = None,
     ) -> None:
         self.upstream = upstream
         self.http = http
@@ -206,6 +216,7 @@ class UpstreamClient:
         self.backoff = backoff
         self.on_response = on_response
         self.on_error = on_error
+        self.health = health or Health(reactor)
         self._challenge: Challenge | None = None
         self._token_flights = SingleFlight()
 
@@ -218,17 +229,24 @@ class UpstreamClient:
     async def request(self, method: str, path: str, name: str | None = None, headers: dict | None = None) -> IResponse:
         """``method`` ``path`` on the upstream, with auth, redirects and retries; the body is left unread.
 
-        Raises :class:`UpstreamError` when the registry cannot be reached or keeps failing with 5xx or 429.
+        Raises :class:`UpstreamError` when the registry cannot be reached or keeps failing with 5xx or 429, and at
+        once (:class:`~dioproxy.health.Offline`) while :mod:`dioproxy.health` has it offline after such a failure.
         """
         url = self.upstream.url + path
+        self.health.check(self.registry, self.probe)
         for attempt in range(self.retries + 1):
+            started = self.reactor.seconds()
             try:
                 response = await self._authorized(method, url, name, dict(headers or {}))
             except _NETWORK_ERRORS as e:
+                if _cancelled(e) and self.reactor.seconds() - started < self.timeout:
+                    # Our caller gave up before our deadline: not the registry's failure, not retried.
+                    raise defer.CancelledError(f"request to {self.registry} cancelled") from e
                 reason = f"{type(e).__name__}: {e}"
                 if self.on_error:
                     self.on_error(self.registry, reason)
-                if attempt == self.retries:
+                if attempt == self.retries or self.health.offline(self.registry):
+                    self.health.failed(self.registry, reason)
                     raise UpstreamError(self.registry, reason) from None
                 log.info(
                     "upstream {registry} {method} {path}: {reason}; retrying",
@@ -242,9 +260,11 @@ class UpstreamClient:
                     await discard(response)
                     raise UpstreamError(self.registry, "rate limited (429)", 429, header(response, "Retry-After"))
                 if response.code not in RETRY_STATUSES:
+                    self.health.succeeded(self.registry)
                     return response
                 await discard(response)
                 if attempt == self.retries:
+                    self.health.failed(self.registry, f"HTTP {response.code}")
                     raise UpstreamError(self.registry, f"HTTP {response.code}", response.code)
                 log.info(
                     "upstream {registry} {method} {path}: HTTP {code}; retrying",
@@ -255,6 +275,16 @@ class UpstreamClient:
                 )
             await deferLater(self.reactor, self.backoff * 4**attempt, lambda: None)
         raise AssertionError("unreachable")
+
+    async def probe(self) -> int:
+        """The status of one ``HEAD /v2/`` (no auth, no redirects, no retries): whether the registry answers."""
+        response = await self.http.request(
+            "HEAD", self.upstream.url + "/v2/", allow_redirects=False, unbuffered=True, timeout=self.timeout
+        )
+        if self.on_response:
+            self.on_response(self.registry, "HEAD", response.code, response)
+        await discard(response)
+        return response.code
 
     async def token(self, scope: str, anonymous: bool = False) -> dict:
         """A token answer from this registry's realm, for the seed-compatible ``/token`` endpoint.

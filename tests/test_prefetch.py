@@ -46,7 +46,9 @@ class ScheduleTests(unittest.TestCase):
 
     def configure(self, prefetch):
         """Put a ``prefetch:`` list in force the way a reload does (through ``mirror.reloaders``)."""
-        config = build_config({"prefetch": prefetch}, [f"docker.io={self.fake.registry_url}"], self.proxy.cache_dir)
+        # No offline window (timeouts.offline: 0): the schedule's own backoff is under test here, not dioproxy.health.
+        data = {"prefetch": prefetch, "timeouts": {"offline": 0}}
+        config = build_config(data, [f"docker.io={self.fake.registry_url}"], self.proxy.cache_dir)
         self.mirror.apply(config)
 
     def cached(self, digests):
