@@ -328,16 +328,19 @@ class Tags(Endpoint):
         body = await read_limited(response, MAX_LISTING)
         link = header(response, "Link")
         if link:
-            request.setHeader("Link", self._rewrite_link(request, link))
+            request.setHeader("Link", next_link(request, link, f"/v2/{self.name}/tags/list"))
         self.finish(request, body, "application/json", head)
 
-    def _rewrite_link(self, request: server.Request, link: str) -> str:
-        match = re.search(r"<[^>]*\?([^>]*)>", link)
-        query = match.group(1) if match else ""
-        ns = arg(request, "ns")
-        if ns:
-            query += ("&" if query else "") + urlencode({"ns": ns})
-        return f'<{base_url(request)}/v2/{self.name}/tags/list?{query}>; rel="next"'
+
+def next_link(request: server.Request, link: str, path: str) -> str:
+    """An upstream's ``Link: <...?query>; rel="next"`` pointed at ``path`` on us: its query (the upstream's own
+    cursor) is kept as it is, with the client's ``ns`` added so the next page routes the same way."""
+    match = re.search(r"<[^>]*\?([^>]*)>", link)
+    query = match.group(1) if match else ""
+    ns = arg(request, "ns")
+    if ns:
+        query += ("&" if query else "") + urlencode({"ns": ns})
+    return f'<{base_url(request)}{path}?{query}>; rel="next"'
 
 
 class Referrers(Endpoint):
