@@ -25,7 +25,7 @@ from dioproxy.fill import DiskFull
 from dioproxy.manifests import INDEX_TYPES
 from dioproxy.metrics import MetricsPage
 from dioproxy.mirror import Mirror
-from dioproxy.names import check_digest, check_reference
+from dioproxy.names import check_digest, check_reference, is_digest
 from dioproxy.routing import Target
 from dioproxy.site import client_address
 from dioproxy.streaming import UpstreamPipe, parse_range, stream_file
@@ -161,7 +161,11 @@ class Manifests(Endpoint):
         target = self.target(request)
         reference = check_reference(self.argument)
         manifest = await self.mirror.manifests.get(target, reference)
-        if manifest.media_type in INDEX_TYPES and not _accepts(request, manifest.media_type):
+        if (
+            not is_digest(reference)
+            and manifest.media_type in INDEX_TYPES
+            and not _accepts(request, manifest.media_type)
+        ):
             manifest = await self._platform_default(target, manifest)
         request.dioproxy_outcome = manifest.outcome
         etag = f'"{manifest.digest}"'
@@ -174,7 +178,8 @@ class Manifests(Endpoint):
         self.finish(request, manifest.body, manifest.media_type, head)
 
     async def _platform_default(self, target: Target, index: Any) -> Any:
-        """An old client that takes no index gets the linux/amd64 image, as the CNCF registry does."""
+        """An old client that takes no index gets the linux/amd64 image for a tag, as the CNCF registry does (a
+        digest always names exactly its own bytes)."""
         for entry in json.loads(index.body).get("manifests", []):
             platform = entry.get("platform") or {}
             if platform.get("os") == "linux" and platform.get("architecture") == "amd64":
