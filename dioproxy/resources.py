@@ -159,7 +159,7 @@ class Base(Endpoint):
 class Manifests(Endpoint):
     async def handle(self, request: server.Request, head: bool) -> None:
         target = self.target(request)
-        reference = check_reference(self.argument)
+        reference = check_reference(self.argument, target.name)
         manifest = await self.mirror.manifests.get(target, reference)
         if (
             not is_digest(reference)

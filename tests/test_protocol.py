@@ -1,0 +1,74 @@
+"""Protocol edges the OCI conformance suite and registries' clients rely on (issue 9, section 6)."""
+
+import json
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from tests.harness import Proxy, start_upstream
+
+DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+class ByDigestTests(unittest.TestCase):
+    def setUp(self):
+        self.fake = start_upstream(self)
+        self.proxy = Proxy(self, self.fake.registry_url)
+        self.image = self.fake.add_image("library/multi", "1.0", platforms=["linux/arm64", "linux/amd64"])
+
+    @defer.inlineCallbacks
+    def get(self, reference, accept=DOCKER_V2):
+        response = yield self.proxy.get(f"/v2/library/multi/manifests/{reference}", headers={"Accept": [accept]})
+        body = yield response.content()
+        return response, body
+
+    @defer.inlineCallbacks
+    def test_an_index_asked_for_by_digest_is_that_index(self):
+        """Only a tag may stand for the linux/amd64 image; a digest names exact bytes."""
+        response, body = yield self.get(self.image.digest)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, self.image.body)
+        self.assertEqual(response.headers.getRawHeaders("Docker-Content-Digest"), [self.image.digest])
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), [self.image.media_type])
+
+    @defer.inlineCallbacks
+    def test_a_tag_still_gets_the_platform_default(self):
+        response, body = yield self.get("1.0")
+        amd64 = self.image.platform("linux/amd64")
+        self.assertEqual(body, amd64.body)
+        self.assertEqual(response.headers.getRawHeaders("Docker-Content-Digest"), [amd64.digest])
+        self.assertEqual(json.loads(body)["mediaType"], amd64.media_type)
+
+
+class OddTagTests(unittest.TestCase):
+    """A tag outside the grammar cannot exist anywhere: 404 MANIFEST_UNKNOWN, as the conformance suite expects,
+    without asking the upstream. Input that could reach a path or a header stays a 400."""
+
+    def setUp(self):
+        self.fake = start_upstream(self)
+        self.proxy = Proxy(self, self.fake.registry_url)
+        self.fake.add_image("library/hello", "1.0")
+
+    @defer.inlineCallbacks
+    def error(self, reference, method="GET"):
+        response = yield self.proxy.get(f"/v2/library/hello/manifests/{reference}", method=method)
+        body = yield response.content()
+        code = json.loads(body)["errors"][0]["code"] if body else None
+        return response.code, code
+
+    @defer.inlineCallbacks
+    def test_odd_and_unknown_tags_are_unknown(self):
+        # .INVALID_MANIFEST_NAME is what the OCI conformance suite asks for; the rest break the grammar too.
+        for reference in [".INVALID_MANIFEST_NAME", "-x", "a" * 129, "tag%20with%20space", "%25", "x@y", "nope"]:
+            self.assertEqual((yield self.error(reference)), (404, "MANIFEST_UNKNOWN"), reference)
+        response = yield self.proxy.get("/v2/library/hello/manifests/.x", method="HEAD")
+        self.assertEqual(response.code, 404)
+        self.assertEqual([r.path for r in self.fake.find("registry") if "nope" not in r.path], [], "asked upstream")
+
+    @defer.inlineCallbacks
+    def test_hostile_references_stay_invalid(self):
+        for reference in ["..", ".", "a%2fb", "..%2f..%2fetc", "a%5cb", "bad%0d%0atag", "nul%00", "tab%09"]:
+            self.assertEqual((yield self.error(reference)), (400, "MANIFEST_INVALID"), reference)
+        for reference in ["sha256:abc", "sha256:" + "A" * 64, "md5:" + "a" * 32]:
+            self.assertEqual((yield self.error(reference)), (400, "DIGEST_INVALID"), reference)
+        self.assertEqual(self.fake.count("registry", path_contains="/manifests/"), 0)
