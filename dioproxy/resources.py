@@ -34,9 +34,8 @@ from dioproxy.upstream import abandon, discard, header, read_limited
 log = Logger()
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
-EMPTY_INDEX = json.dumps(
-    {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}
-).encode()
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+EMPTY_INDEX = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
 MAX_LISTING = 16 * 1024 * 1024
 
 
@@ -349,21 +348,63 @@ def next_link(request: server.Request, link: str, path: str) -> str:
 
 
 class Referrers(Endpoint):
-    """The OCI referrers API: passed through, or an empty index when the upstream does not have it."""
+    """The OCI referrers API, passed through; for an upstream without it (404), the referrers tag schema.
+
+    A registry without the API answers 404 and clients push an index under the tag ``sha256-<hex>`` of the subject
+    instead, so that tag is read (through the manifest store: cached, verified, served stale like any tag) and an
+    empty index is the answer only when neither exists: signatures and SBOMs are never hidden.
+    """
 
     async def handle(self, request: server.Request, head: bool) -> None:
         target = self.target(request)
         digest = check_digest(self.argument)
         request.dioproxy_outcome = "pass"
-        query = {"artifactType": arg(request, "artifactType")} if arg(request, "artifactType") else {}
+        # The whole query but our own ns: the upstream's Link cursor is its own business.
+        query = [
+            (key.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
+            for key, values in request.args.items()
+            if key != b"ns"
+            for value in values
+        ]
         path = f"/v2/{target.name}/referrers/{digest}" + ("?" + urlencode(query) if query else "")
         response = await self.mirror.client(target).request("GET", path, target.name)
-        if response.code != 200:
-            await discard(response)
-            self.finish(request, EMPTY_INDEX, "application/vnd.oci.image.index.v1+json", head)
+        if response.code == 200:
+            body = await read_limited(response, MAX_LISTING)
+            link, filters = header(response, "Link"), header(response, "OCI-Filters-Applied")
+            if link:
+                request.setHeader("Link", next_link(request, link, f"/v2/{self.name}/referrers/{digest}"))
+            if filters:
+                request.setHeader("OCI-Filters-Applied", filters)
+            self.finish(request, body, header(response, "Content-Type") or OCI_INDEX, head)
             return
-        body = await read_limited(response, MAX_LISTING)
-        self.finish(request, body, header(response, "Content-Type") or "application/json", head)
+        await discard(response)
+        artifact_type = arg(request, "artifactType")
+        body = await self._from_tag(request, target, digest, artifact_type)
+        if artifact_type:
+            request.setHeader("OCI-Filters-Applied", "artifactType")
+        self.finish(request, body, OCI_INDEX, head)
+
+    async def _from_tag(self, request: server.Request, target: Target, digest: str, artifact_type: str | None) -> bytes:
+        """The referrers tag's index, keeping only ``artifact_type`` if asked; the empty index if there is none."""
+        try:
+            manifest = await self.mirror.manifests.get(target, digest.replace(":", "-", 1))
+        except RegistryError as e:
+            if e.code != "MANIFEST_UNKNOWN":
+                raise
+            return EMPTY_INDEX
+        request.dioproxy_outcome = manifest.outcome
+        try:
+            index = json.loads(manifest.body)
+            entries = index["manifests"]
+        except (ValueError, TypeError, KeyError):
+            entries = None
+        if manifest.media_type != OCI_INDEX or not isinstance(entries, list):
+            log.warn("{name}: the referrers tag of {digest} is not an index; ignored", name=target.name, digest=digest)
+            return EMPTY_INDEX
+        if not artifact_type:
+            return manifest.body
+        index["manifests"] = [e for e in entries if isinstance(e, dict) and e.get("artifactType") == artifact_type]
+        return json.dumps(index).encode()
 
 
 _ENDPOINTS = {"manifests": Manifests, "blobs": Blobs, "referrers": Referrers}

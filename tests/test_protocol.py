@@ -1,6 +1,7 @@
 """Protocol edges the OCI conformance suite and registries' clients rely on (issue 9, section 6)."""
 
 import json
+from urllib.parse import quote
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -72,3 +73,72 @@ class OddTagTests(unittest.TestCase):
         for reference in ["sha256:abc", "sha256:" + "A" * 64, "md5:" + "a" * 32]:
             self.assertEqual((yield self.error(reference)), (400, "DIGEST_INVALID"), reference)
         self.assertEqual(self.fake.count("registry", path_contains="/manifests/"), 0)
+
+
+SIGNATURE = "application/vnd.dev.cosign.artifact.sig.v1+json"
+SBOM = "application/spdx+json"
+
+
+class ReferrersTests(unittest.TestCase):
+    def setUp(self):
+        self.fake = start_upstream(self)
+        self.proxy = Proxy(self, self.fake.registry_url)
+        self.image = self.fake.add_image("library/hello", "1.0")
+        self.signature = self.fake.add_referrer("library/hello", self.image, SIGNATURE)
+        self.sbom = self.fake.add_referrer("library/hello", self.image, SBOM, {"org.example": "yes"})
+        self.path = f"/v2/hello/referrers/{self.image.digest}"
+
+    @defer.inlineCallbacks
+    def referrers(self, query="", path=None):
+        response = yield self.proxy.get((path or self.path) + query)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["application/vnd.oci.image.index.v1+json"])
+        body = yield response.json()
+        return response, [(e["digest"], e.get("artifactType")) for e in body["manifests"]]
+
+    @defer.inlineCallbacks
+    def test_fallback_tag_when_the_upstream_has_no_api(self):
+        response, entries = yield self.referrers()
+        self.assertEqual(sorted(entries), sorted([(self.signature, SIGNATURE), (self.sbom, SBOM)]))
+        self.assertIsNone(response.headers.getRawHeaders("OCI-Filters-Applied"))
+        tag = self.image.digest.replace(":", "-")
+        self.assertEqual(self.fake.count("registry", "GET", f"/manifests/{tag}"), 1)
+        yield self.referrers()  # the tag is cached like any other: within its TTL no upstream manifest GET
+        self.assertEqual(self.fake.count("registry", "GET", f"/manifests/{tag}"), 1)
+
+    @defer.inlineCallbacks
+    def test_fallback_tag_is_filtered_by_artifact_type(self):
+        response, entries = yield self.referrers(f"?artifactType={quote(SBOM)}")
+        self.assertEqual(entries, [(self.sbom, SBOM)])
+        self.assertEqual(response.headers.getRawHeaders("OCI-Filters-Applied"), ["artifactType"])
+
+    @defer.inlineCallbacks
+    def test_empty_index_only_when_neither_exists(self):
+        other = self.fake.add_image("library/hello", "2.0")
+        path = f"/v2/hello/referrers/{other.digest}"
+        response, entries = yield self.referrers(path=path)
+        self.assertEqual(entries, [])
+        response, entries = yield self.referrers(f"?artifactType={quote(SBOM)}", path=path)
+        self.assertEqual((entries, response.headers.getRawHeaders("OCI-Filters-Applied")), ([], ["artifactType"]))
+
+    @defer.inlineCallbacks
+    def test_pass_through_keeps_filters_and_pages_through_us(self):
+        self.fake.referrers_api = True
+        self.fake.referrers_page = 1
+        for i in range(2):
+            self.fake.add_referrer("library/hello", self.image, SBOM, {"n": str(i)})
+        response, first = yield self.referrers(f"?artifactType={quote(SBOM)}&ns=docker.io")
+        self.assertEqual(response.headers.getRawHeaders("OCI-Filters-Applied"), ["artifactType"])
+        [link] = response.headers.getRawHeaders("Link")
+        self.assertTrue(link.startswith(f"<{self.proxy.url}{self.path}?"), link)
+        self.assertTrue(link.endswith('>; rel="next"'), link)
+        self.assertIn("ns=docker.io", link)
+        seen = list(first)
+        while link:
+            response = yield self.proxy.get(link[1 : link.index(">")][len(self.proxy.url) :])
+            seen += [(e["digest"], e["artifactType"]) for e in (yield response.json())["manifests"]]
+            link = (response.headers.getRawHeaders("Link") or [""])[0]
+        self.assertEqual(len(seen), 3)
+        self.assertEqual({t for _, t in seen}, {SBOM})
+        self.assertIn((self.sbom, SBOM), seen)
+        self.assertEqual(self.fake.count("registry", "GET", "/manifests/sha256-"), 0, "the API answered")
