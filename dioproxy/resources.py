@@ -304,7 +304,8 @@ class Blobs(Endpoint):
 
 
 def _range_total(content_range: str | None) -> int | None:
-    match = re.fullmatch(r"bytes \d+-\d+/(\d+)", (content_range or "").strip())
+    """The size in ``bytes 0-0/N``, or in ``bytes */N`` (a 416: the empty blob answers ``Range: bytes=0-0`` so)."""
+    match = re.fullmatch(r"bytes (?:\d+-\d+|\*)/(\d+)", (content_range or "").strip())
     return int(match.group(1)) if match else None
 
 

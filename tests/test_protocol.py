@@ -142,3 +142,40 @@ class ReferrersTests(unittest.TestCase):
         self.assertEqual({t for _, t in seen}, {SBOM})
         self.assertIn((self.sbom, SBOM), seen)
         self.assertEqual(self.fake.count("registry", "GET", "/manifests/sha256-"), 0, "the API answered")
+
+
+class BlobEdgeTests(unittest.TestCase):
+    def setUp(self):
+        self.fake = start_upstream(self)
+        self.proxy = Proxy(self, self.fake.registry_url)
+        self.empty = self.fake.add_blob(b"")
+        self.data = b"0123456789"
+        self.digest = self.fake.add_blob(self.data)
+
+    @defer.inlineCallbacks
+    def test_head_of_an_uncached_blob_has_its_length_the_empty_one_too(self):
+        """The upstream answers ``Range: bytes=0-0`` on the empty blob with 416 ``bytes */0``: length 0."""
+        status, headers = yield self.proxy.head(f"/v2/library/hello/blobs/{self.empty}")
+        self.assertEqual((status, headers.get("content-length")), (200, "0"))
+        self.assertEqual(headers.get("docker-content-digest"), self.empty)
+        status, headers = yield self.proxy.head(f"/v2/library/hello/blobs/{self.digest}")
+        self.assertEqual((status, headers.get("content-length")), (200, "10"))
+
+    @defer.inlineCallbacks
+    def fetch(self, digest, range_header):
+        response = yield self.proxy.get(f"/v2/library/hello/blobs/{digest}", headers={"Range": [range_header]})
+        body = yield response.content()
+        return response.code, response.headers.getRawHeaders("Content-Range"), body
+
+    @defer.inlineCallbacks
+    def test_ranges_follow_rfc_9110(self):
+        yield self.fetch(self.digest, "bytes=0-")  # cached now
+        yield self.fetch(self.empty, "bytes=0-")
+        self.assertEqual((yield self.fetch(self.digest, "bytes=5-2")), (200, None, self.data), "invalid: ignored")
+        self.assertEqual((yield self.fetch(self.digest, "bytes=x-1")), (200, None, self.data))
+        self.assertEqual((yield self.fetch(self.digest, "bytes=-3")), (206, ["bytes 7-9/10"], b"789"))
+        self.assertEqual((yield self.fetch(self.digest, "bytes=10-")), (416, ["bytes */10"], b""))
+        self.assertEqual((yield self.fetch(self.empty, "bytes=-5")), (416, ["bytes */0"], b""))
+        self.assertEqual((yield self.fetch(self.empty, "bytes=0-0")), (416, ["bytes */0"], b""))
+        self.assertEqual((yield self.fetch(self.empty, "bytes=3-1")), (200, None, b""))
+        self.assertEqual(self.fake.count("cdn", "GET"), 2, "all but the first two from the cache")
