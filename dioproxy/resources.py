@@ -49,6 +49,17 @@ def request_header(request: server.Request, name: str) -> str | None:
     return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
+def not_modified(request: server.Request) -> bool:
+    """Whether the client's ``If-None-Match`` matches the ETag set on this response (RFC 9110 13.1.2): ``*``, or
+    any tag of its list, a weak ``W/"..."`` one too (If-None-Match compares weakly)."""
+    condition = request_header(request, "If-None-Match")
+    ours = request.responseHeaders.getRawHeaders("ETag")
+    if not condition or not ours:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in condition.split(",")}
+    return "*" in tags or ours[0] in tags
+
+
 def base_url(request: server.Request) -> str:
     """Our own URL as the client sees it, behind nginx too (``X-Forwarded-Proto`` / ``X-Forwarded-Host``)."""
     proto = (request_header(request, "X-Forwarded-Proto") or "").split(",")[0].strip()
@@ -170,7 +181,7 @@ class Manifests(Endpoint):
         etag = f'"{manifest.digest}"'
         request.setHeader("Docker-Content-Digest", manifest.digest)
         request.setHeader("ETag", etag)
-        if etag in (request_header(request, "If-None-Match") or "") and not request._disconnected:
+        if not_modified(request) and not request._disconnected:
             request.setResponseCode(304)
             request.finish()
             return
@@ -235,7 +246,7 @@ class Blobs(Endpoint):
         """Behind nginx (``cache.accel_redirect``, and nginx saying ``X-Dioproxy-Accel: on``), let nginx send the
         cached file itself with ``X-Accel-Redirect``: sendfile, Range and slow clients become its business."""
         prefix = self.mirror.config.accel_redirect
-        if head or not prefix or request_header(request, "X-Dioproxy-Accel") != "on":
+        if head or not prefix or request_header(request, "X-Dioproxy-Accel") != "on" or not_modified(request):
             return False
         hexdigest = digest.split(":", 1)[1]
         request.setHeader("X-Accel-Redirect", f"{prefix}{hexdigest[:2]}/{hexdigest}")
@@ -245,6 +256,9 @@ class Blobs(Endpoint):
         return True
 
     def _send_file(self, request: server.Request, source: str | int, size: int | None, head: bool, fill: Any) -> None:
+        if not_modified(request):
+            request.setResponseCode(304)
+            return _finish_quietly(request, source)
         request.setHeader("Content-Type", "application/octet-stream")
         request.setHeader("Accept-Ranges", "bytes")
         start, end = 0, size
@@ -281,6 +295,11 @@ class Blobs(Endpoint):
         if response.code not in (200, 206, 416):
             await discard(response)
             raise UpstreamError(target.registry, f"HTTP {response.code} for blob {digest}", response.code)
+        if not_modified(request):  # the upstream has it: the client's copy is current
+            abandon(response)
+            request.setResponseCode(304)
+            request.finish()
+            return
         request.setHeader("Content-Type", "application/octet-stream")
         request.setHeader("Accept-Ranges", "bytes")
         content_range = header(response, "Content-Range")

@@ -179,3 +179,55 @@ class BlobEdgeTests(unittest.TestCase):
         self.assertEqual((yield self.fetch(self.empty, "bytes=0-0")), (416, ["bytes */0"], b""))
         self.assertEqual((yield self.fetch(self.empty, "bytes=3-1")), (200, None, b""))
         self.assertEqual(self.fake.count("cdn", "GET"), 2, "all but the first two from the cache")
+
+
+class IfNoneMatchTests(unittest.TestCase):
+    """RFC 9110 If-None-Match: ``*``, lists, weak tags (compared weakly); blobs answer 304 like manifests."""
+
+    def setUp(self):
+        self.fake = start_upstream(self)
+        self.image = self.fake.add_image("library/hello", "1.0", layer_sizes=[5000])
+        self.layer = self.image.layer_digests[0]
+
+    def matching(self, digest):
+        return ["*", f'"{digest}"', f'W/"{digest}"', f'"sha256:{"0" * 64}", W/"{digest}"', f'"x",  "{digest}"']
+
+    @defer.inlineCallbacks
+    def status(self, proxy, path, condition, method="GET"):
+        if method == "HEAD":
+            response = yield proxy.get(path, method="HEAD", headers={"If-None-Match": [condition]})
+        else:
+            response = yield proxy.get(path, headers={"If-None-Match": [condition]})
+        body = yield response.content()
+        if response.code == 304:
+            self.assertEqual(body, b"")
+        return response.code
+
+    @defer.inlineCallbacks
+    def check(self, proxy, path, digest):
+        for condition in self.matching(digest):
+            self.assertEqual((yield self.status(proxy, path, condition)), 304, condition)
+            self.assertEqual((yield self.status(proxy, path, condition, "HEAD")), 304, condition)
+        for condition in [f'"sha256:{"0" * 64}"', digest[:20], f'"{digest}x"']:
+            self.assertEqual((yield self.status(proxy, path, condition)), 200, condition)
+
+    @defer.inlineCallbacks
+    def test_manifests(self):
+        proxy = Proxy(self, self.fake.registry_url)
+        yield self.check(proxy, "/v2/library/hello/manifests/1.0", self.image.digest)
+        self.assertEqual((yield self.status(proxy, "/v2/library/hello/manifests/nope", "*")), 404)
+
+    @defer.inlineCallbacks
+    def test_blobs_cold_and_cached(self):
+        proxy = Proxy(self, self.fake.registry_url)
+        path = f"/v2/library/hello/blobs/{self.layer}"
+        self.assertEqual((yield self.status(proxy, path, "*", "HEAD")), 304, "uncached HEAD")
+        self.assertEqual((yield self.status(proxy, path, "*")), 304, "uncached GET")
+        yield self.check(proxy, path, self.layer)
+        missing = f"/v2/library/hello/blobs/sha256:{'1' * 64}"
+        self.assertEqual((yield self.status(proxy, missing, "*")), 404)
+
+    @defer.inlineCallbacks
+    def test_blobs_passed_through(self):
+        proxy = Proxy(self, self.fake.registry_url, cache={"enabled": False})
+        yield self.check(proxy, f"/v2/library/hello/blobs/{self.layer}", self.layer)
