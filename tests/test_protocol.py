@@ -1,12 +1,17 @@
 """Protocol edges the OCI conformance suite and registries' clients rely on (issue 9, section 6)."""
 
 import json
+import os
 from urllib.parse import quote
 
 from twisted.internet import defer
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
+from twisted.web.client import ResponseFailed
 
 from tests.harness import Proxy, start_upstream
+from tests.test_ops_metrics import value
+from tests.test_ops_reload import eventually
 
 DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 
@@ -231,3 +236,28 @@ class IfNoneMatchTests(unittest.TestCase):
     def test_blobs_passed_through(self):
         proxy = Proxy(self, self.fake.registry_url, cache={"enabled": False})
         yield self.check(proxy, f"/v2/library/hello/blobs/{self.layer}", self.layer)
+
+
+class AbortedTests(unittest.TestCase):
+    """A response cut mid-body (here: a blob failing its digest) is logged and counted as aborted, not as a 200."""
+
+    @defer.inlineCallbacks
+    def test_a_digest_mismatch_is_aborted_in_the_log_and_the_metrics(self):
+        fake = start_upstream(self)
+        proxy = Proxy(self, fake.registry_url)
+        digest = fake.add_blob(os.urandom(300_000))
+        fake.corrupt_blob(digest)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        with self.assertRaises(ResponseFailed):
+            yield (yield proxy.get(f"/v2/library/hello/blobs/{digest}")).content()
+        yield eventually(lambda: [e for e in events if e.get("log_namespace") == "dioproxy.access"])
+        [line] = [e for e in events if e.get("log_namespace") == "dioproxy.access"]
+        self.assertEqual((line["status"], line["aborted"]), ("aborted", True))
+        self.assertGreater(line["bytes"], 0, "the body was cut, not refused")
+        self.assertIn(f"/blobs/{digest} aborted ", line["line"])
+        text = proxy.mirror.metrics.exposition().decode()
+        self.assertEqual(value(text, "dioproxy_requests_total", endpoint="blobs", status="aborted"), 1)
+        self.assertEqual(value(text, "dioproxy_requests_total", endpoint="blobs", status="200"), 0)
+        self.assertEqual(value(text, "dioproxy_requests_aborted_total", endpoint="blobs"), 1)
