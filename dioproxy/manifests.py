@@ -66,6 +66,7 @@ class ManifestStore:
         self._bytes = 0
 
     def get(self, digest: str) -> tuple[str, bytes] | None:
+        """(media type, bytes) from memory or disk; a damaged file counts as missing (the storage removes it)."""
         entry = self._lru.get(digest)
         if entry is not None:
             self._lru.move_to_end(digest)
@@ -76,11 +77,8 @@ class ManifestStore:
         return entry
 
     def put(self, digest: str, media_type: str, body: bytes) -> None:
-        if self.storage:
-            try:
-                self.storage.write_manifest(digest, media_type, body)
-            except OSError as e:  # a full disk must not fail the pull: memory still has it
-                log.warn("cannot store manifest {digest}: {e}", digest=digest, e=e)
+        if self.storage:  # written in the disk pool; a failure (a full disk) is logged there: memory still has it
+            self.storage.write_manifest(digest, media_type, body)
         self._remember(digest, (media_type, body))
 
     def drop_memory(self) -> None:
@@ -133,10 +131,7 @@ class TagIndex:
     def put(self, registry: str, name: str, tag: str, entry: TagEntry) -> None:
         self._remember((registry, name, tag), entry)
         if self.storage:
-            try:
-                self.storage.write_tag(registry, name, tag, entry)
-            except OSError as e:
-                log.warn("cannot store tag {registry}/{name}:{tag}: {e}", registry=registry, name=name, tag=tag, e=e)
+            self.storage.write_tag(registry, name, tag, entry)
 
     def forget(self, registry: str, name: str, tag: str) -> None:
         self._entries.pop((registry, name, tag), None)

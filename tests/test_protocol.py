@@ -2,18 +2,23 @@
 
 import json
 import os
+import threading
 from urllib.parse import quote
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import ResponseFailed
 
+from dioproxy import storage as storage_module
+from dioproxy.pools import Pools
+from dioproxy.storage import DiskStorage
 from tests.harness import Proxy, start_upstream
 from tests.test_ops_metrics import value
 from tests.test_ops_reload import eventually
 
 DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+MAIN = threading.current_thread()
 
 
 class ByDigestTests(unittest.TestCase):
@@ -261,3 +266,98 @@ class AbortedTests(unittest.TestCase):
         self.assertEqual(value(text, "dioproxy_requests_total", endpoint="blobs", status="aborted"), 1)
         self.assertEqual(value(text, "dioproxy_requests_total", endpoint="blobs", status="200"), 0)
         self.assertEqual(value(text, "dioproxy_requests_aborted_total", endpoint="blobs"), 1)
+
+
+class SmallFileTests(unittest.TestCase):
+    """Manifests, tag entries and records are fsynced before their rename, in the disk pool, never on the reactor;
+    until the write is done the bytes are served from memory."""
+
+    def setUp(self):
+        self.calls = []  # (what, path, on the reactor thread?)
+        self.gate = threading.Event()
+        self.addCleanup(self.gate.set)
+        real_fsync, real_rename = os.fsync, os.rename
+
+        def fsync(fd):
+            self.calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), threading.current_thread() is MAIN))
+            self.gate.wait(30)
+            real_fsync(fd)
+
+        def rename(src, dst):
+            self.calls.append(("rename", (src, dst), threading.current_thread() is MAIN))
+            real_rename(src, dst)
+
+        self.patch(storage_module.os, "fsync", fsync)
+        self.patch(storage_module.os, "rename", rename)
+
+    def renamed(self, root):
+        """Final paths (relative to root) renamed into place, each checked to follow an fsync of its temp file."""
+        done, synced = [], set()
+        for what, path, on_reactor in self.calls:
+            self.assertFalse(on_reactor, f"{what} {path} on the reactor thread")
+            if what == "fsync":
+                synced.add(path)
+            elif path[1].startswith(root):
+                self.assertIn(path[0], synced, f"{path[1]} renamed before its fsync")
+                done.append(os.path.relpath(path[1], root))
+        return done
+
+    @defer.inlineCallbacks
+    def test_storage_writes_in_order_and_reads_what_is_pending(self):
+        pools = Pools(reactor)
+        self.addCleanup(pools.stop)
+        self.addCleanup(self.gate.set)  # before the pools stop: a stuck thread would hold up the join
+        storage = DiskStorage(self.mktemp(), pools.disk)
+        path = os.path.join(storage.root, "repos", "r", "n", "_tags", "t")
+        storage.write_small(path, b"1")
+        yield eventually(lambda: self.calls)  # the first write is stuck in its fsync
+        storage.write_small(path, b"2")
+        self.assertEqual(storage.read_small(path), b"2")
+        storage.delete_tag("r", "n", "t")
+        self.assertIsNone(storage.read_small(path))
+        storage.write_small(path, b"3")
+        self.assertFalse(os.path.exists(path))
+        self.gate.set()
+        yield storage.settled()
+        self.assertEqual((storage.read_small(path), storage._writing, storage._queued), (b"3", {}, {}))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"3", "the latest write wins")
+        self.assertEqual(self.renamed(storage.root), ["repos/r/n/_tags/t"] * 2, "1, then 3 (2 was superseded)")
+
+    @defer.inlineCallbacks
+    def test_a_pull_is_served_while_its_files_are_being_written(self):
+        fake = start_upstream(self)
+        proxy = Proxy(self, fake.registry_url)
+        image = fake.add_image("library/hello", "1.0")
+        for _ in range(2):  # the fsync hangs: the reactor does not
+            response = yield proxy.get("/v2/library/hello/manifests/1.0")
+            self.assertEqual((yield response.content()), image.body)
+        self.assertFalse(os.path.exists(proxy.mirror.storage.manifest_path(image.digest)))
+        self.gate.set()
+        yield proxy.mirror.storage.settled()
+        hexdigest = image.digest.split(":")[1]
+        self.assertEqual(
+            sorted(self.renamed(proxy.cache_dir)),
+            [f"manifests/sha256/{hexdigest}", "repos/docker.io/library/hello/_tags/1.0"],
+        )
+
+    @defer.inlineCallbacks
+    def test_a_damaged_manifest_file_is_removed_never_served(self):
+        self.gate.set()
+        fake = start_upstream(self)
+        proxy = Proxy(self, fake.registry_url)
+        image = fake.add_image("library/hello", "1.0")
+        path = f"/v2/library/hello/manifests/{image.digest}"
+        yield (yield proxy.get(path)).content()
+        yield proxy.mirror.storage.settled()
+        stored = proxy.mirror.storage.manifest_path(image.digest)
+        with open(stored, "r+b") as f:
+            f.seek(-3, os.SEEK_END)
+            f.write(b"XYZ")
+        proxy.mirror.manifests.drop_memory()  # as a restart would
+        yield fake.stop()
+        response = yield proxy.get(path)
+        self.assertEqual(response.code, 503, "not the damaged bytes, nor a hit")
+        yield response.content()
+        yield proxy.mirror.storage.settled()
+        self.assertFalse(os.path.exists(stored), "the damaged file was removed")
