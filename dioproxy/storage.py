@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -114,6 +113,7 @@ class DiskStorage:
         self.pool = pool
         self._writing: dict[str, bytes | None] = {}  # path -> bytes being written now (None: a removal)
         self._queued: dict[str, bytes | None] = {}  # path -> bytes to write once that is done
+        self._waiters: dict[str, list[defer.Deferred]] = {}  # path -> callers of write_small for the queued bytes
         self._settled: list[defer.Deferred] = []
 
     def clean_temp(self) -> int:
@@ -204,10 +204,15 @@ class DiskStorage:
                 return pending[path]
         return _read(path)
 
-    def write_small(self, path: str, data: bytes) -> None:
+    def write_small(self, path: str, data: bytes) -> defer.Deferred:
         """Small files only (manifests, tag entries, records): written whole, fsynced, renamed into place, in the
-        disk pool. A failure is logged (the caller's memory still has the bytes); :meth:`settled` says when done."""
-        self._write(path, data)
+        disk pool. A failure is logged (the caller's memory still has the bytes).
+
+        Returns a Deferred firing with True once these bytes (or later ones for the path) are on disk, False if
+        that failed: a caller that must order something after the write (a record other processes read) waits for
+        it, the others need not.
+        """
+        return self._write(path, data)
 
     def settled(self) -> defer.Deferred:
         """Fires once every small write asked for so far is on disk (before the pool stops; tests that read files)."""
@@ -217,31 +222,38 @@ class DiskStorage:
         self._settled.append(d)
         return d
 
-    def _write(self, path: str, data: bytes | None) -> None:
+    def _write(self, path: str, data: bytes | None) -> defer.Deferred:
         if self.pool is None:
             try:
                 _replace(self.tmp, path, data)
             except OSError as e:
-                self._failed(e, path)
-            return
+                return defer.succeed(self._failed(e, path))
+            return defer.succeed(True)
+        done: defer.Deferred = defer.Deferred()
         self._queued[path] = data
+        self._waiters.setdefault(path, []).append(done)
         if path not in self._writing:
             self._next(path)
+        return done
 
     def _next(self, path: str) -> None:
         data = self._writing[path] = self._queued.pop(path)
+        waiters = self._waiters.pop(path)
         d = self.pool.run(_replace, self.tmp, path, data)
-        d.addErrback(lambda failure: self._failed(failure.value, path))
-        d.addCallback(self._written, path)
+        d.addCallbacks(lambda _: True, lambda failure: self._failed(failure.value, path))
+        d.addCallback(self._written, path, waiters)
 
-    def _written(self, _: Any, path: str) -> None:
+    def _written(self, ok: bool, path: str, waiters: list[defer.Deferred]) -> None:
         del self._writing[path]
         if path in self._queued:
             self._next(path)
-        elif not self._writing:
-            waiters, self._settled = self._settled, []
-            for d in waiters:
+        for d in waiters:
+            d.callback(ok)
+        if not self._writing:
+            settled, self._settled = self._settled, []
+            for d in settled:
                 d.callback(None)
 
-    def _failed(self, error: BaseException, path: str) -> None:
+    def _failed(self, error: BaseException, path: str) -> bool:
         log.warn("cannot write {path}: {error}", path=os.path.relpath(path, self.root), error=error)
+        return False

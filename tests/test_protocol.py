@@ -309,20 +309,25 @@ class SmallFileTests(unittest.TestCase):
         self.addCleanup(self.gate.set)  # before the pools stop: a stuck thread would hold up the join
         storage = DiskStorage(self.mktemp(), pools.disk)
         path = os.path.join(storage.root, "repos", "r", "n", "_tags", "t")
-        storage.write_small(path, b"1")
+        first = storage.write_small(path, b"1")
         yield eventually(lambda: self.calls)  # the first write is stuck in its fsync
-        storage.write_small(path, b"2")
+        second = storage.write_small(path, b"2")
         self.assertEqual(storage.read_small(path), b"2")
         storage.delete_tag("r", "n", "t")
         self.assertIsNone(storage.read_small(path))
-        storage.write_small(path, b"3")
+        third = storage.write_small(path, b"3")
         self.assertFalse(os.path.exists(path))
+        self.assertFalse(first.called or second.called or third.called)
         self.gate.set()
+        self.assertEqual((yield defer.gatherResults([first, second, third])), [True, True, True])
         yield storage.settled()
         self.assertEqual((storage.read_small(path), storage._writing, storage._queued), (b"3", {}, {}))
         with open(path, "rb") as f:
             self.assertEqual(f.read(), b"3", "the latest write wins")
         self.assertEqual(self.renamed(storage.root), ["repos/r/n/_tags/t"] * 2, "1, then 3 (2 was superseded)")
+        blocked = os.path.join(path, "below-a-file")
+        self.assertFalse((yield storage.write_small(blocked, b"x")), "a failed write says so")
+        self.assertIsNone(storage.read_small(blocked))
 
     @defer.inlineCallbacks
     def test_a_pull_is_served_while_its_files_are_being_written(self):
