@@ -48,8 +48,8 @@ def name_unknown(registry: str) -> RegistryError:
     )
 
 
-def manifest_unknown(name: str, reference: str) -> RegistryError:
-    return RegistryError(404, "MANIFEST_UNKNOWN", "manifest unknown", {"name": name, "reference": reference})
+def manifest_unknown(name: str, reference: str, message: str = "manifest unknown") -> RegistryError:
+    return RegistryError(404, "MANIFEST_UNKNOWN", message, {"name": name, "reference": reference})
 
 
 def blob_unknown(digest: str) -> RegistryError:

@@ -96,8 +96,8 @@ class CacheIndex:
 class IndexedStorage(DiskStorage):
     """The disk storage, telling the cache bound about each entry it stores."""
 
-    def __init__(self, root: str) -> None:
-        super().__init__(root)
+    def __init__(self, root: str, pool: Any = None) -> None:
+        super().__init__(root, pool)
         self.on_store: Callable[[str, str, int], None] | None = None
 
     def commit_blob(self, temp_path: str, digest: str) -> str:

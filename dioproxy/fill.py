@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import os
+from collections.abc import Awaitable
 from typing import Any, Callable
 
 from twisted.internet import defer, protocol, threads
@@ -214,7 +215,7 @@ class _FillRunner:
             raise FillFailed(f"upstream sent bytes with digest {got}, not {fill.digest}")
         await threads.deferToThread(os.fsync, self.fd)
         if self.verified is not None:
-            self.verified(fill.target, fill.digest)  # before the blob appears: no process may find it unrecorded
+            await self.verified(fill.target, fill.digest)  # before the blob appears: no process may find it unrecorded
         self.storage.commit_blob(fill.path, fill.digest)
 
     async def _check_space(self, size: int) -> None:
@@ -269,7 +270,7 @@ class FillManager:
         self.make_room = make_room
         #: ``f(target, digest)`` once a blob is verified, before it is committed (the private record); raising
         #: fails the fill.
-        self.verified: Callable[[Target, str], None] | None = None
+        self.verified: Callable[[Target, str], Awaitable[None]] | None = None
         self.fills: dict[str, Fill] = {}
         self.disk_full_until = 0.0
 

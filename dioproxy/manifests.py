@@ -69,6 +69,7 @@ class ManifestStore:
         self._bytes = 0
 
     def get(self, digest: str) -> tuple[str, bytes] | None:
+        """(media type, bytes) from memory or disk; a damaged file counts as missing (the storage removes it)."""
         entry = self._lru.get(digest)
         if entry is not None:
             self._lru.move_to_end(digest)
@@ -79,11 +80,8 @@ class ManifestStore:
         return entry
 
     def put(self, digest: str, media_type: str, body: bytes) -> None:
-        if self.storage:
-            try:
-                self.storage.write_manifest(digest, media_type, body)
-            except OSError as e:  # a full disk must not fail the pull: memory still has it
-                log.warn("cannot store manifest {digest}: {e}", digest=digest, e=e)
+        if self.storage:  # written in the disk pool; a failure (a full disk) is logged there: memory still has it
+            self.storage.write_manifest(digest, media_type, body)
         self._remember(digest, (media_type, body))
 
     def drop_memory(self) -> None:
@@ -136,10 +134,7 @@ class TagIndex:
     def put(self, registry: str, name: str, tag: str, entry: TagEntry) -> None:
         self._remember((registry, name, tag), entry)
         if self.storage:
-            try:
-                self.storage.write_tag(registry, name, tag, entry)
-            except OSError as e:
-                log.warn("cannot store tag {registry}/{name}:{tag}: {e}", registry=registry, name=name, tag=tag, e=e)
+            self.storage.write_tag(registry, name, tag, entry)
 
     def forget(self, registry: str, name: str, tag: str) -> None:
         self._entries.pop((registry, name, tag), None)
@@ -239,14 +234,14 @@ class Manifests:
         media_type, body = await self._fetch(target, digest)
         if sha256_digest(body) != digest:
             raise _mismatch(target, digest)
-        self._put(target, digest, media_type, body)
+        await self._put(target, digest, media_type, body)
         return Manifest(digest, media_type, body, "miss")
 
-    def _put(self, target: Target, digest: str, media_type: str, body: bytes) -> None:
+    async def _put(self, target: Target, digest: str, media_type: str, body: bytes) -> None:
         """Cache a manifest the upstream just served for ``target``: its private record first, or not at all."""
         if self.private:
             try:
-                self.private.mark(target, digest)
+                await self.private.mark(target, digest)
             except OSError as e:
                 log.warn("cannot record where {digest} was seen, not caching it: {e}", digest=digest, e=e)
                 return
@@ -269,7 +264,7 @@ class Manifests:
             else:
                 media_type, body = await self._fetch(target, tag)
                 manifest = Manifest(sha256_digest(body), media_type, body, "miss")
-                self._put(target, manifest.digest, media_type, body)
+                await self._put(target, manifest.digest, media_type, body)
         except UpstreamError as e:
             cached = self.store.get(entry.digest) if entry is not None else None
             if cached is None:

@@ -69,7 +69,8 @@ class Metrics:
         r, ns = self.registry, NAMESPACE
         self.requests = Counter(
             "requests",
-            "Client requests, by API endpoint, HTTP status, cache outcome (hit, miss, stale, pass, -) and registry",
+            "Client requests, by API endpoint, HTTP status (or aborted: cut before the end), cache outcome (hit, "
+            "miss, stale, pass, -) and registry",
             ["endpoint", "status", "outcome", "registry"],
             namespace=ns,
             registry=r,
@@ -191,7 +192,7 @@ class Metrics:
         endpoint = endpoint_of(request.path)
         outcome = str(getattr(request, "dioproxy_outcome", "-"))
         registry = str(getattr(request, "dioproxy_registry", "-"))
-        self.requests.labels(endpoint, str(request.code), outcome, registry).inc()
+        self.requests.labels(endpoint, "aborted" if aborted else str(request.code), outcome, registry).inc()
         if aborted:
             self.aborted.labels(endpoint).inc()
         started = getattr(request, "dioproxy_started", None)

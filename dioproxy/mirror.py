@@ -39,7 +39,7 @@ class Mirror:
         self.metrics = Metrics()
         #: Threads for blocking work (bcrypt, disk, the cache index), apart from the reactor's own pool.
         self.pools = Pools(reactor)
-        self.storage = IndexedStorage(config.cache_dir) if config.cache_enabled else None
+        self.storage = IndexedStorage(config.cache_dir, self.pools.disk) if config.cache_enabled else None
         self.pool = make_pool(reactor)
         self.own_http = http is None  # a reload may rebuild our own client (connect timeout), not an injected one
         self.http = http or make_http_client(reactor, config, self.pool)
@@ -187,7 +187,8 @@ class Mirror:
         self.prefetcher.stop()
         self.health.stop()
         stopped = self.cache.stop() if self.cache else defer.succeed(None)
-        closed = defer.gatherResults([self.pool.closeCachedConnections(), stopped])
+        written = self.storage.settled() if self.storage else defer.succeed(None)  # small files, in the disk pool
+        closed = defer.gatherResults([self.pool.closeCachedConnections(), stopped, written])
         return closed.addBoth(self._stop_pools)
 
     def _stop_pools(self, result: Any) -> Any:

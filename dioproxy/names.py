@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from dioproxy.errors import digest_invalid, name_invalid, tag_invalid
+from dioproxy.errors import digest_invalid, manifest_unknown, name_invalid, tag_invalid
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+_HOSTILE_TAG = re.compile(r"[\x00-\x1f\x7f/\\]")
 MAX_NAME = 255
 
 #: A path segment is a registry host if it looks like one (GUIDE §1).
@@ -33,13 +34,20 @@ def is_digest(reference: str) -> bool:
     return ":" in reference
 
 
-def check_reference(reference: str) -> str:
-    """A manifest reference is a tag or a digest."""
+def check_reference(reference: str, name: str = "") -> str:
+    """A manifest reference is a tag or a digest.
+
+    A tag outside the grammar cannot exist (no registry accepts it on push), so it is simply unknown: 404
+    ``MANIFEST_UNKNOWN``, as registries and the OCI conformance suite answer, and no upstream is asked. Only what
+    could act on a path or a header (separators, dot segments, control characters) is refused as invalid (400).
+    """
     if is_digest(reference):
         return check_digest(reference)
-    if not TAG_RE.fullmatch(reference):
+    if TAG_RE.fullmatch(reference):
+        return reference
+    if _HOSTILE_TAG.search(reference) or reference in (".", ".."):
         raise tag_invalid(reference)
-    return reference
+    raise manifest_unknown(name, reference[:300], "manifest unknown: not a valid tag")
 
 
 def looks_like_host(segment: str) -> bool:

@@ -47,13 +47,12 @@ class PrivateContent:
     def seen(self, digest: str) -> set[str] | None:
         """Where a credentialed digest was seen; None for content that came without credentials (no record)."""
         try:
-            with open(self._path(digest), "rb") as f:
-                data = f.read(MAX_RECORD + 1)
-        except FileNotFoundError:
-            return None
+            data = self.storage.read_small(self._path(digest))  # a record still being written counts too
         except OSError as e:
             log.warn("private record of {digest} unreadable ({e}): treated as private", digest=digest, e=e)
             return set()
+        if data is None:
+            return None
         try:
             repositories = json.loads(data) if len(data) <= MAX_RECORD else None
         except ValueError:
@@ -63,11 +62,12 @@ class PrivateContent:
             return set()
         return set(repositories)
 
-    def mark(self, target: Target, digest: str) -> None:
+    async def mark(self, target: Target, digest: str) -> None:
         """Record that the upstream served ``digest`` for ``target``, if the content comes with credentials.
 
-        Call only after the upstream said so. Raises OSError when the record cannot be written: the caller must
-        then not cache the content, or other requests would take it for public.
+        Call only after the upstream said so; fires once the record is on disk, where every process sees it.
+        Raises OSError when it cannot be written: the caller must then not cache the content, or other requests
+        (in other processes too) would take it for public.
         """
         repositories = self.seen(digest)
         if repositories is None:
@@ -77,7 +77,8 @@ class PrivateContent:
         if repository(target) in repositories:
             return
         repositories.add(repository(target))
-        self.storage.write_small(self._path(digest), json.dumps(sorted(repositories)).encode())
+        if not await self.storage.write_small(self._path(digest), json.dumps(sorted(repositories)).encode()):
+            raise OSError(f"cannot write the private record of {digest}")
 
     async def check(self, target: Target, digest: str, kind: str, credentialed: bool = False) -> None:
         """Raise BLOB_UNKNOWN / MANIFEST_UNKNOWN unless ``target`` may read this content.
@@ -98,7 +99,7 @@ class PrivateContent:
         if response.code != 200:
             raise blob_unknown(digest) if kind == "blobs" else manifest_unknown(target.name, digest)
         try:
-            self.mark(target, digest)
+            await self.mark(target, digest)
         except OSError as e:  # the upstream said yes: serve; the next request asks it again
             log.warn("cannot record where {digest} was seen: {e}", digest=digest, e=e)
 
@@ -107,9 +108,4 @@ class PrivateContent:
         storage = self.storage
         if storage.blob_size(digest) is not None or os.path.exists(storage.manifest_path(digest)):
             return
-        try:
-            os.unlink(self._path(digest))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warn("cannot remove the private record of {digest}: {e}", digest=digest, e=e)
+        self.storage.delete_small(self._path(digest))

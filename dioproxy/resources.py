@@ -25,7 +25,7 @@ from dioproxy.fill import DiskFull, Fill
 from dioproxy.manifests import INDEX_TYPES
 from dioproxy.metrics import MetricsPage
 from dioproxy.mirror import Mirror
-from dioproxy.names import check_digest, check_reference
+from dioproxy.names import check_digest, check_reference, is_digest
 from dioproxy.private import repository
 from dioproxy.routing import Target
 from dioproxy.site import client_address
@@ -35,9 +35,8 @@ from dioproxy.upstream import abandon, discard, header, read_limited
 log = Logger()
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
-EMPTY_INDEX = json.dumps(
-    {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}
-).encode()
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+EMPTY_INDEX = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
 MAX_LISTING = 16 * 1024 * 1024
 
 
@@ -53,6 +52,17 @@ def request_header(request: server.Request, name: str) -> str | None:
 
 #: What a proxy in front says about our URL; believed only from ``rate_limit.trusted_proxies`` (see ``Root``).
 FORWARDED_URL_HEADERS = ("X-Forwarded-Proto", "X-Forwarded-Host")
+
+
+def not_modified(request: server.Request) -> bool:
+    """Whether the client's ``If-None-Match`` matches the ETag set on this response (RFC 9110 13.1.2): ``*``, or
+    any tag of its list, a weak ``W/"..."`` one too (If-None-Match compares weakly)."""
+    condition = request_header(request, "If-None-Match")
+    ours = request.responseHeaders.getRawHeaders("ETag")
+    if not condition or not ours:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in condition.split(",")}
+    return "*" in tags or ours[0] in tags
 
 
 def base_url(request: server.Request) -> str:
@@ -167,24 +177,29 @@ class Base(Endpoint):
 class Manifests(Endpoint):
     async def handle(self, request: server.Request, head: bool) -> None:
         target = self.target(request)
-        reference = check_reference(self.argument)
+        reference = check_reference(self.argument, target.name)
         manifest = await self.mirror.manifests.get(target, reference)
         if manifest.outcome == "stale":  # RFC 7234 5.5.1 (dropped by RFC 9111, still understood)
             request.setHeader("Warning", '110 - "Response is Stale"')
-        if manifest.media_type in INDEX_TYPES and not _accepts(request, manifest.media_type):
+        if (
+            not is_digest(reference)
+            and manifest.media_type in INDEX_TYPES
+            and not _accepts(request, manifest.media_type)
+        ):
             manifest = await self._platform_default(target, manifest)
         request.dioproxy_outcome = manifest.outcome
         etag = f'"{manifest.digest}"'
         request.setHeader("Docker-Content-Digest", manifest.digest)
         request.setHeader("ETag", etag)
-        if etag in (request_header(request, "If-None-Match") or "") and not request._disconnected:
+        if not_modified(request) and not request._disconnected:
             request.setResponseCode(304)
             request.finish()
             return
         self.finish(request, manifest.body, manifest.media_type, head)
 
     async def _platform_default(self, target: Target, index: Any) -> Any:
-        """An old client that takes no index gets the linux/amd64 image, as the CNCF registry does."""
+        """An old client that takes no index gets the linux/amd64 image for a tag, as the CNCF registry does (a
+        digest always names exactly its own bytes)."""
         for entry in json.loads(index.body).get("manifests", []):
             platform = entry.get("platform") or {}
             if platform.get("os") == "linux" and platform.get("architecture") == "amd64":
@@ -261,7 +276,7 @@ class Blobs(Endpoint):
         """Behind nginx (``cache.accel_redirect``, and nginx saying ``X-Dioproxy-Accel: on``), let nginx send the
         cached file itself with ``X-Accel-Redirect``: sendfile, Range and slow clients become its business."""
         prefix = self.mirror.config.accel_redirect
-        if head or not prefix or request_header(request, "X-Dioproxy-Accel") != "on":
+        if head or not prefix or request_header(request, "X-Dioproxy-Accel") != "on" or not_modified(request):
             return False
         hexdigest = digest.split(":", 1)[1]
         request.setHeader("X-Accel-Redirect", f"{prefix}{hexdigest[:2]}/{hexdigest}")
@@ -271,6 +286,9 @@ class Blobs(Endpoint):
         return True
 
     def _send_file(self, request: server.Request, source: str | int, size: int | None, head: bool, fill: Any) -> None:
+        if not_modified(request):
+            request.setResponseCode(304)
+            return _finish_quietly(request, source)
         request.setHeader("Content-Type", "application/octet-stream")
         request.setHeader("Accept-Ranges", "bytes")
         start, end = 0, size
@@ -307,6 +325,11 @@ class Blobs(Endpoint):
         if response.code not in (200, 206, 416):
             await discard(response)
             raise UpstreamError(target.registry, f"HTTP {response.code} for blob {digest}", response.code)
+        if not_modified(request):  # the upstream has it: the client's copy is current
+            abandon(response)
+            request.setResponseCode(304)
+            request.finish()
+            return
         request.setHeader("Content-Type", "application/octet-stream")
         request.setHeader("Accept-Ranges", "bytes")
         content_range = header(response, "Content-Range")
@@ -330,7 +353,8 @@ class Blobs(Endpoint):
 
 
 def _range_total(content_range: str | None) -> int | None:
-    match = re.fullmatch(r"bytes \d+-\d+/(\d+)", (content_range or "").strip())
+    """The size in ``bytes 0-0/N``, or in ``bytes */N`` (a 416: the empty blob answers ``Range: bytes=0-0`` so)."""
+    match = re.fullmatch(r"bytes (?:\d+-\d+|\*)/(\d+)", (content_range or "").strip())
     return int(match.group(1)) if match else None
 
 
@@ -358,34 +382,79 @@ class Tags(Endpoint):
         body = await read_limited(response, MAX_LISTING)
         link = header(response, "Link")
         if link:
-            request.setHeader("Link", self._rewrite_link(request, link))
+            request.setHeader("Link", next_link(request, link, f"/v2/{self.name}/tags/list"))
         self.finish(request, body, "application/json", head)
 
-    def _rewrite_link(self, request: server.Request, link: str) -> str:
-        match = re.search(r"<[^>]*\?([^>]*)>", link)
-        query = match.group(1) if match else ""
-        ns = arg(request, "ns")
-        if ns:
-            query += ("&" if query else "") + urlencode({"ns": ns})
-        return f'<{base_url(request)}/v2/{self.name}/tags/list?{query}>; rel="next"'
+
+def next_link(request: server.Request, link: str, path: str) -> str:
+    """An upstream's ``Link: <...?query>; rel="next"`` pointed at ``path`` on us: its query (the upstream's own
+    cursor) is kept as it is, with the client's ``ns`` added so the next page routes the same way."""
+    match = re.search(r"<[^>]*\?([^>]*)>", link)
+    query = match.group(1) if match else ""
+    ns = arg(request, "ns")
+    if ns:
+        query += ("&" if query else "") + urlencode({"ns": ns})
+    return f'<{base_url(request)}{path}?{query}>; rel="next"'
 
 
 class Referrers(Endpoint):
-    """The OCI referrers API: passed through, or an empty index when the upstream does not have it."""
+    """The OCI referrers API, passed through; for an upstream without it (404), the referrers tag schema.
+
+    A registry without the API answers 404 and clients push an index under the tag ``sha256-<hex>`` of the subject
+    instead, so that tag is read (through the manifest store: cached, verified, served stale like any tag) and an
+    empty index is the answer only when neither exists: signatures and SBOMs are never hidden.
+    """
 
     async def handle(self, request: server.Request, head: bool) -> None:
         target = self.target(request)
         digest = check_digest(self.argument)
         request.dioproxy_outcome = "pass"
-        query = {"artifactType": arg(request, "artifactType")} if arg(request, "artifactType") else {}
+        # The whole query but our own ns: the upstream's Link cursor is its own business.
+        query = [
+            (key.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
+            for key, values in request.args.items()
+            if key != b"ns"
+            for value in values
+        ]
         path = f"/v2/{target.name}/referrers/{digest}" + ("?" + urlencode(query) if query else "")
         response = await self.mirror.client(target).request("GET", path, target.name)
-        if response.code != 200:
-            await discard(response)
-            self.finish(request, EMPTY_INDEX, "application/vnd.oci.image.index.v1+json", head)
+        if response.code == 200:
+            body = await read_limited(response, MAX_LISTING)
+            link, filters = header(response, "Link"), header(response, "OCI-Filters-Applied")
+            if link:
+                request.setHeader("Link", next_link(request, link, f"/v2/{self.name}/referrers/{digest}"))
+            if filters:
+                request.setHeader("OCI-Filters-Applied", filters)
+            self.finish(request, body, header(response, "Content-Type") or OCI_INDEX, head)
             return
-        body = await read_limited(response, MAX_LISTING)
-        self.finish(request, body, header(response, "Content-Type") or "application/json", head)
+        await discard(response)
+        artifact_type = arg(request, "artifactType")
+        body = await self._from_tag(request, target, digest, artifact_type)
+        if artifact_type:
+            request.setHeader("OCI-Filters-Applied", "artifactType")
+        self.finish(request, body, OCI_INDEX, head)
+
+    async def _from_tag(self, request: server.Request, target: Target, digest: str, artifact_type: str | None) -> bytes:
+        """The referrers tag's index, keeping only ``artifact_type`` if asked; the empty index if there is none."""
+        try:
+            manifest = await self.mirror.manifests.get(target, digest.replace(":", "-", 1))
+        except RegistryError as e:
+            if e.code != "MANIFEST_UNKNOWN":
+                raise
+            return EMPTY_INDEX
+        request.dioproxy_outcome = manifest.outcome
+        try:
+            index = json.loads(manifest.body)
+            entries = index["manifests"]
+        except (ValueError, TypeError, KeyError):
+            entries = None
+        if manifest.media_type != OCI_INDEX or not isinstance(entries, list):
+            log.warn("{name}: the referrers tag of {digest} is not an index; ignored", name=target.name, digest=digest)
+            return EMPTY_INDEX
+        if not artifact_type:
+            return manifest.body
+        index["manifests"] = [e for e in entries if isinstance(e, dict) and e.get("artifactType") == artifact_type]
+        return json.dumps(index).encode()
 
 
 _ENDPOINTS = {"manifests": Manifests, "blobs": Blobs, "referrers": Referrers}

@@ -54,7 +54,8 @@ class MirrorSite(server.Site):
             else getattr(request.getClientAddress(), "host", "-"),
             "method": request.method.decode("ascii", "replace"),
             "uri": request.uri.decode("ascii", "replace")[:500],
-            "status": request.code,
+            # A response cut mid-body (client gone, digest mismatch) is no 200, whatever its status line said.
+            "status": "aborted" if aborted else request.code,
             "bytes": request.sentLength,
             "ms": (time.monotonic() - request.dioproxy_started) * 1000,
             "outcome": request.dioproxy_outcome,
@@ -63,7 +64,7 @@ class MirrorSite(server.Site):
         # Formatted here with an f-string: the logger's own formatting was a fifth of a cached request's CPU time.
         line = (
             f"{fields['client']} {fields['method']} {fields['uri']} {fields['status']} {fields['bytes']} "
-            f"{fields['ms']:.2f}ms {fields['outcome']} {fields['registry']}{' aborted' if aborted else ''}"
+            f"{fields['ms']:.2f}ms {fields['outcome']} {fields['registry']}"
         )
         log.info("{line}", line=line, aborted=aborted, **fields)
         if mirror is not None:

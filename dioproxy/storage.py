@@ -7,19 +7,24 @@ Layout under the cache directory::
     repos/<registry>/<name>/_tags/<tag>   JSON tag entry ({"digest", "media_type", "size", "checked"})
     tmp/                           fills in progress; emptied at start
 
-Every entry appears by ``rename`` of a complete, verified temp file, so a crash never leaves a half-written entry
-in place. ``_tags`` cannot collide with a repository path: name components never start with ``_``.
+Every entry appears by ``rename`` of a complete, verified (and for small files fsynced) temp file, so a crash never
+leaves a half-written entry in place. ``_tags`` cannot collide with a repository path: name components never start
+with ``_``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
 from dataclasses import asdict, dataclass
 
+from twisted.internet import defer
 from twisted.logger import Logger
+
+from dioproxy.pools import BlockingPool
 
 log = Logger()
 
@@ -45,25 +50,71 @@ def manifest_path(root: str, digest: str) -> str:
     return os.path.join(root, "manifests", "sha256", _hex(digest))
 
 
-def read_manifest(root: str, digest: str) -> tuple[str, bytes] | None:
-    """(media type, bytes) of a stored manifest, or None."""
+def _read(path: str) -> bytes | None:
     try:
-        with open(manifest_path(root, digest), "rb") as f:
-            data = f.read()
+        with open(path, "rb") as f:
+            return f.read()
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _manifest_entry(data: bytes, digest: str) -> tuple[str, bytes] | None:
+    """(media type, bytes) of a manifest file, or None if the bytes are not the digest's (a damaged file)."""
     media_type, _, body = data.partition(b"\n")
+    if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+        return None
     return media_type.decode("utf-8", "replace"), body
 
 
-class DiskStorage:
-    """Paths and atomic writes; callers have already validated names and digests."""
+def read_manifest(root: str, digest: str) -> tuple[str, bytes] | None:
+    """(media type, bytes) of a stored manifest, or None (missing, or not matching its digest)."""
+    data = _read(manifest_path(root, digest))
+    return None if data is None else _manifest_entry(data, digest)
 
-    def __init__(self, root: str) -> None:
+
+def _replace(tmp: str, path: str, data: bytes | None) -> None:
+    """Put ``data`` at ``path`` (None: remove it): a temp file, fsynced, renamed over it. Blocking: a thread's job.
+
+    The fsync comes before the rename so a crash never leaves an empty or torn file under the final name (ext4's
+    delayed allocation would); the directory is not fsynced: a rename lost in a crash only loses a cache entry.
+    """
+    if data is None:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.unlink(path)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = os.path.join(tmp, f"w.{secrets.token_hex(8)}")
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+class DiskStorage:
+    """Paths and atomic writes; callers have already validated names and digests.
+
+    Small files (manifests, tag entries, records) are written in ``pool`` (the disk pool: an fsync must never
+    stall the reactor), one write at a time per path, the latest bytes winning; until a write is done, reads
+    through this object see its bytes, so callers can go on as if it were done. Without a pool (the command-line
+    tools) they are written at once.
+    """
+
+    def __init__(self, root: str, pool: BlockingPool | None = None) -> None:
         self.root = os.path.abspath(root)
         self.tmp = os.path.join(self.root, "tmp")
         for sub in ("blobs/sha256", "manifests/sha256", "repos", "tmp"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        self.pool = pool
+        self._writing: dict[str, bytes | None] = {}  # path -> bytes being written now (None: a removal)
+        self._queued: dict[str, bytes | None] = {}  # path -> bytes to write once that is done
+        self._waiters: dict[str, list[defer.Deferred]] = {}  # path -> callers of write_small for the queued bytes
+        self._settled: list[defer.Deferred] = []
 
     def clean_temp(self) -> int:
         """Remove what a crash left in ``tmp/``; returns how many files. Only safe before serving starts."""
@@ -105,7 +156,14 @@ class DiskStorage:
         return manifest_path(self.root, digest)
 
     def read_manifest(self, digest: str) -> tuple[str, bytes] | None:
-        return read_manifest(self.root, digest)
+        """(media type, bytes), or None; a file that does not match its digest is removed, never served."""
+        path = self.manifest_path(digest)
+        data = self.read_small(path)
+        entry = None if data is None else _manifest_entry(data, digest)
+        if data is not None and entry is None:
+            log.warn("cached manifest {digest} does not match its digest: removed", digest=digest)
+            self._write(path, None)
+        return entry
 
     def write_manifest(self, digest: str, media_type: str, body: bytes) -> None:
         self.write_small(self.manifest_path(digest), media_type.encode() + b"\n" + body)
@@ -116,11 +174,11 @@ class DiskStorage:
         return os.path.join(self.root, "repos", registry, name, "_tags", tag)
 
     def read_tag(self, registry: str, name: str, tag: str) -> TagEntry | None:
-        try:
-            with open(self.tag_path(registry, name, tag), "rb") as f:
-                return TagEntry(**json.load(f))
-        except FileNotFoundError:
+        data = self.read_small(self.tag_path(registry, name, tag))
+        if data is None:
             return None
+        try:
+            return TagEntry(**json.loads(data))
         except (ValueError, TypeError) as e:
             log.warn(
                 "ignoring unreadable tag entry {registry}/{name}:{tag}: {e}",
@@ -135,15 +193,71 @@ class DiskStorage:
         self.write_small(self.tag_path(registry, name, tag), json.dumps(asdict(entry)).encode())
 
     def delete_tag(self, registry: str, name: str, tag: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tag_path(registry, name, tag))
+        self.delete_small(self.tag_path(registry, name, tag))
 
-    # -- helpers -------------------------------------------------------------------------------------------------
+    # -- small files ---------------------------------------------------------------------------------------------
 
-    def write_small(self, path: str, data: bytes) -> None:
-        """Small files only (manifests, tag entries): written whole, then renamed into place."""
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temp = os.path.join(self.tmp, f"w.{secrets.token_hex(8)}")
-        with open(temp, "wb") as f:
-            f.write(data)
-        os.rename(temp, path)
+    def read_small(self, path: str) -> bytes | None:
+        """A small file's bytes (None: there is none), a write still under way included."""
+        for pending in (self._queued, self._writing):
+            if path in pending:
+                return pending[path]
+        return _read(path)
+
+    def write_small(self, path: str, data: bytes) -> defer.Deferred:
+        """Small files only (manifests, tag entries, records): written whole, fsynced, renamed into place, in the
+        disk pool. A failure is logged (the caller's memory still has the bytes).
+
+        Returns a Deferred firing with True once these bytes (or later ones for the path) are on disk, False if
+        that failed: a caller that must order something after the write (a record other processes read) waits for
+        it, the others need not.
+        """
+        return self._write(path, data)
+
+    def delete_small(self, path: str) -> defer.Deferred:
+        """Remove a small file, in order with the writes asked for before (the same queue)."""
+        return self._write(path, None)
+
+    def settled(self) -> defer.Deferred:
+        """Fires once every small write asked for so far is on disk (before the pool stops; tests that read files)."""
+        if not self._writing:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._settled.append(d)
+        return d
+
+    def _write(self, path: str, data: bytes | None) -> defer.Deferred:
+        if self.pool is None:
+            try:
+                _replace(self.tmp, path, data)
+            except OSError as e:
+                return defer.succeed(self._failed(e, path))
+            return defer.succeed(True)
+        done: defer.Deferred = defer.Deferred()
+        self._queued[path] = data
+        self._waiters.setdefault(path, []).append(done)
+        if path not in self._writing:
+            self._next(path)
+        return done
+
+    def _next(self, path: str) -> None:
+        data = self._writing[path] = self._queued.pop(path)
+        waiters = self._waiters.pop(path)
+        d = self.pool.run(_replace, self.tmp, path, data)
+        d.addCallbacks(lambda _: True, lambda failure: self._failed(failure.value, path))
+        d.addCallback(self._written, path, waiters)
+
+    def _written(self, ok: bool, path: str, waiters: list[defer.Deferred]) -> None:
+        del self._writing[path]
+        if path in self._queued:
+            self._next(path)
+        for d in waiters:
+            d.callback(ok)
+        if not self._writing:
+            settled, self._settled = self._settled, []
+            for d in settled:
+                d.callback(None)
+
+    def _failed(self, error: BaseException, path: str) -> bool:
+        log.warn("cannot write {path}: {error}", path=os.path.relpath(path, self.root), error=error)
+        return False

@@ -23,30 +23,33 @@ from dioproxy.fill import Fill
 log = Logger()
 
 CHUNK = 64 * 1024
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE_SPEC = re.compile(r"\s*([0-9]{0,40})\s*-\s*([0-9]{0,40})\s*")
 
 
 def parse_range(value: str | None, size: int) -> tuple[int, int] | bool | None:
     """``(start, end_exclusive)`` for one satisfiable byte range; ``None``: serve it whole; ``False``: unsatisfiable.
 
-    Several ranges, or a header we do not understand, are served whole (RFC 9110 allows ignoring Range).
+    As RFC 9110 and twisted.web's ``static.File`` do it: a header that is not one valid ``bytes`` range (garbage,
+    another unit, ``last < first``) is ignored, and so are several ranges (the whole body, 200). A valid range that
+    does not overlap the content is a 416, a suffix range of an empty blob too: no ``Content-Range`` can describe
+    zero bytes.
     """
     if not value:
         return None
-    match = _RANGE.fullmatch(value.strip())
-    if not match or match.group(1) == match.group(2) == "":
+    unit, equals, spec = value.partition("=")
+    match = _RANGE_SPEC.fullmatch(spec)
+    if not equals or unit.strip().lower() != "bytes" or not match or match.groups() == ("", ""):
         return None
     first, last = match.groups()
     if first == "":
-        length = int(last)
-        if length == 0:
-            return False
-        return (max(0, size - length), size)
+        suffix = int(last)
+        return False if suffix == 0 or size == 0 else (max(0, size - suffix), size)
     start = int(first)
-    end = size if last == "" else min(int(last) + 1, size)
-    if start >= size or end <= start:
+    if last != "" and int(last) < start:
+        return None
+    if start >= size:
         return False
-    return (start, end)
+    return (start, size if last == "" else min(int(last) + 1, size))
 
 
 def _abort(request: Request) -> None:

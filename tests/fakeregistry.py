@@ -263,7 +263,8 @@ class FakeRegistry:
         self.token_ttl = 300
         self.cdn_url_ttl = 600
         self.cdn_reject_authorization = True  # like S3/CloudFront: a signed URL plus Authorization is a 400
-        self.referrers_api = False
+        self.referrers_api = False  # False: 404 on /referrers/ (distribution 2.x); clients use the fallback tag
+        self.referrers_page: int | None = None  # answer at most this many referrers, with a Link to the rest
         self.strict_repos = False  # True: a blob is served only through a repository whose manifests name it
         self.requests: list[RequestRecord] = []
         self.registry_url = self.auth_url = self.cdn_url = ""
@@ -365,6 +366,34 @@ class FakeRegistry:
         """Serve ``body`` as the manifest ``digest`` of ``repo`` (bytes that do not match: a lying upstream)."""
         manifest = self._repos[repo].manifests[digest]
         self._repos[repo].manifests[digest] = _Manifest(body, manifest.media_type)
+
+    def add_referrer(self, repo: str, subject: Image, artifact_type: str, annotations: dict | None = None) -> str:
+        """Push an artifact (a signature, an SBOM) whose ``subject`` is ``subject``, as oras or cosign do: the
+        manifest, and the subject's referrers tag ``sha256-<hex>`` (an index) updated to list it, which is what
+        clients read from a registry without the referrers API. Returns the artifact's digest."""
+        body = _json(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "artifactType": artifact_type,
+                "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": self.add_blob(b"{}"), "size": 2},
+                "layers": [],
+                "subject": {"mediaType": subject.media_type, "digest": subject.digest, "size": len(subject.body)},
+                **({"annotations": annotations} if annotations else {}),
+            }
+        )
+        digest = self.add_manifest(repo, None, body, OCI_MANIFEST)
+        tag = subject.digest.replace(":", "-")
+        repository = self._repos[repo]
+        index = repository.manifests.get(repository.tags.get(tag, ""))
+        entries = json.loads(index.body)["manifests"] if index else []
+        entry = {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(body), "artifactType": artifact_type}
+        if annotations:
+            entry["annotations"] = annotations
+        self.add_manifest(
+            repo, tag, _json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [*entries, entry]}), OCI_INDEX
+        )
+        return digest
 
     def untag(self, repo: str, tag: str) -> None:
         self._repos[repo].tags.pop(tag, None)
@@ -866,6 +895,16 @@ class FakeRegistry:
                 entry["annotations"] = doc["annotations"]
             entries.append(entry)
         headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
+        entries.sort(key=lambda e: e["digest"])
+        last = request.dio_record.query.get("last")  # type: ignore[attr-defined]
+        if last:
+            entries = [e for e in entries if e["digest"] > last]
+        if self.referrers_page is not None and len(entries) > self.referrers_page:
+            entries = entries[: self.referrers_page]
+            query = urlencode(
+                {**({"artifactType": artifact_type} if artifact_type else {}), "last": entries[-1]["digest"]}
+            )
+            headers["Link"] = f'</v2/{name}/referrers/{digest}?{query}>; rel="next"'
         body = _json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
         self._send(request, 200, body, headers, content_type=OCI_INDEX)
 

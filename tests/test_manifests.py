@@ -156,6 +156,7 @@ class ManifestTests(unittest.TestCase):
         """``dioproxy purge`` edits the disk; the SIGHUP it asks for makes a running proxy forget its copies."""
         yield (yield self.proxy.get("/v2/library/hello/manifests/1.0")).content()
         storage = self.proxy.mirror.storage
+        yield storage.settled()  # the files are written in the disk pool
         os.unlink(storage.tag_path("docker.io", "library/hello", "1.0"))
         os.unlink(storage.manifest_path(self.image.digest))
         self.proxy.mirror.manifests.drop_memory()  # what the SIGHUP handler calls
@@ -183,6 +184,7 @@ class ManifestTests(unittest.TestCase):
     def test_tags_survive_a_restart(self):
         yield (yield self.proxy.get("/v2/library/hello/manifests/1.0")).content()
         yield self.fake.stop()
+        yield self.proxy.mirror.storage.settled()  # as a process that stops does
         again = Proxy(self, self.fake.registry_url, cache_dir=self.proxy.cache_dir)
         response = yield again.get("/v2/library/hello/manifests/1.0")
         self.assertEqual(response.code, 200)

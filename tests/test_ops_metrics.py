@@ -44,6 +44,8 @@ class Puller:
             response = yield self.proxy.get(f"/v2/{name}/blobs/{digest}{query}")
             got = yield response.content()
             self.testcase.assertEqual(got, data)
+        if self.proxy.mirror.storage:  # manifests and tag entries are on disk too, as after a stop
+            yield self.proxy.mirror.storage.settled()
 
     @defer.inlineCallbacks
     def metrics(self) -> defer.Deferred:

@@ -1,5 +1,7 @@
 """Config, routing, name grammar, challenge and Range parsing: the pure functions every request goes through."""
 
+import re
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
@@ -154,16 +156,45 @@ class RangeTests(unittest.TestCase):
         self.assertEqual(parse_range("bytes=-3", 10), (7, 10))
         self.assertEqual(parse_range("bytes=8-100", 10), (8, 10))
         self.assertIs(parse_range("bytes=10-", 10), False)
-        self.assertIs(parse_range("bytes=5-2", 10), False)
+        self.assertIsNone(parse_range("bytes=5-2", 10), "last < first is invalid: ignored (RFC 9110)")
         self.assertIsNone(parse_range("bytes=0-1,3-4", 10), "several ranges: serve it whole")
         self.assertIsNone(parse_range("items=0-1", 10))
+        self.assertIsNone(parse_range("bytes=\u0661-2", 10), "only ASCII digits")
+        self.assertIsNone(parse_range("bytes=1-" + "9" * 5000, 10), "an absurd number is ignored, not a 500")
+        self.assertEqual(parse_range("Bytes = 2 - 3", 10), (2, 4))
+        self.assertIs(parse_range("bytes=-5", 0), False, "no Content-Range can say bytes 0--1/0")
+        self.assertIs(parse_range("bytes=0-0", 0), False)
+        self.assertIs(parse_range("bytes=-0", 10), False)
 
-    @given(st.text(max_size=40), st.integers(min_value=1, max_value=10**12))
+    @given(
+        st.one_of(
+            st.text(max_size=40),
+            st.builds(
+                "bytes={}-{}".format,
+                st.one_of(st.just(""), st.integers(0, 2000)),
+                st.one_of(st.just(""), st.integers(0, 2000)),
+            ),
+        ),
+        st.one_of(st.integers(0, 1500), st.integers(0, 10**12)),
+    )
     def test_ranges_stay_inside(self, header, size):
+        """Satisfiable ranges are built too (numbers near the size): what we send is inside the blob and is what
+        RFC 9110 asks for."""
         wanted = parse_range(header, size)
         if isinstance(wanted, tuple):
             start, end = wanted
             self.assertTrue(0 <= start < end <= size)
+        built = re.fullmatch(r"bytes=([0-9]*)-([0-9]*)", header)
+        if not built or built.groups() == ("", ""):
+            return
+        first, last = built.groups()
+        if first and last and int(last) < int(first):
+            self.assertIsNone(wanted)
+        elif first:
+            expected = (int(first), min(size, int(last) + 1) if last else size) if int(first) < size else False
+            self.assertEqual(wanted, expected)
+        elif last:
+            self.assertEqual(wanted, (max(0, size - int(last)), size) if int(last) and size else False)
 
 
 class DocumentedConfigTests(unittest.TestCase):
