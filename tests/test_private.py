@@ -4,11 +4,13 @@ process on the cache directory, never served through another repository the upst
 import contextlib
 import json
 import os
+import time
 
 from twisted.internet import defer
 from twisted.trial import unittest
 from twisted.web.client import ResponseFailed
 
+from dioproxy import storage as storage_module
 from dioproxy.config import build_config
 from tests.harness import Proxy, eventually, start_upstream
 
@@ -46,6 +48,30 @@ class PrivateBlobTests(unittest.TestCase):
         code, body = yield self.fetch(f"/v2/ghcr.io/attacker/x/blobs/{self.layer}")
         self.assertEqual(code, 404, "the private bytes went to a repository the upstream refused")
         self.assertNotIn(self.secret.layers[0][:1000], body)
+
+    @defer.inlineCallbacks
+    def test_the_record_is_on_disk_before_the_blob_appears(self):
+        """Another process on the cache directory sees only the disk: the blob must never be there before its
+        record, however slow the disk pool is with the record's write."""
+        real_replace = storage_module._replace
+
+        def slow_replace(tmp, path, data):
+            if os.sep + "private" + os.sep in path:
+                time.sleep(0.3)  # in the disk pool's thread
+            real_replace(tmp, path, data)
+
+        self.patch(storage_module, "_replace", slow_replace)
+        storage = self.proxy.mirror.storage
+        seen_at_commit = []
+        real_commit = storage.commit_blob
+
+        def commit_blob(temp_path, digest):
+            seen_at_commit.append(os.path.exists(self.record(digest)))
+            return real_commit(temp_path, digest)
+
+        self.patch(storage, "commit_blob", commit_blob)
+        code, _ = yield self.fetch(f"/v2/ghcr.io/acme/private/blobs/{self.layer}")
+        self.assertEqual((code, seen_at_commit), (200, [True]))
 
     @defer.inlineCallbacks
     def test_a_corrupt_record_counts_as_private(self):
