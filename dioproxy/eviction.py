@@ -249,7 +249,7 @@ class CacheBound:
             log.info(
                 "cache index: {n} entries, {size} bytes (bound: {bound})",
                 n=len(self.index),
-                size=self.index.size,
+                size=self.size,
                 bound=self.max_size or "none",
             )
             waiters, self._ready_waiters = self._ready_waiters, []
@@ -320,9 +320,14 @@ class CacheBound:
 
     # -- eviction --------------------------------------------------------------------------------------------
 
+    @property
+    def size(self) -> int:
+        """Bytes of the stored entries."""
+        return self.index.size
+
     def total(self) -> int:
         """What the bound is checked against: stored entries plus blobs being downloaded."""
-        return self.index.size + self.inflight()
+        return self.size + self.inflight()
 
     def schedule_check(self) -> None:
         """Check soon, once: after the current call chain (a fill's bookkeeping) has finished."""
@@ -429,7 +434,7 @@ class CacheBound:
 
     def state(self) -> dict[str, Any]:
         return {
-            "cache_size": self.index.size,
+            "cache_size": self.size,
             "cache_entries": dict(self.index.counts),
             "max_size": self.max_size or 0,
             "pinned": sum(1 for key in list(self.pins) if self.pinned(key)),

@@ -49,6 +49,24 @@ class FakeRequest:
             d.callback(None)
 
 
+@defer.inlineCallbacks
+def lru_keys(bound: CacheBound):
+    """The index's entries, least recently used first."""
+    yield None
+    return [key for key, _ in bound.index.oldest()]
+
+
+def recorded_last_use(root: str) -> dict:
+    """``{kind: {digest: last use}}`` as the proxy recorded it for the next start."""
+    with open(os.path.join(root, LASTUSE_FILE)) as f:
+        return json.load(f)
+
+
+def forget_last_use(root: str) -> None:
+    """Drop the record of last uses: the next start knows only the files."""
+    os.unlink(os.path.join(root, LASTUSE_FILE))
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = time.time()
@@ -122,7 +140,7 @@ class BoundTests(unittest.TestCase):
         self.put_blob(3, 30 * KB)  # 120 KB > 100 KB: one must go
         yield self.settle()
         self.assertEqual([self.exists(d) for d in digests], [True, False, True])
-        self.assertEqual(self.bound.index.size, 90 * KB)
+        self.assertEqual(self.bound.size, 90 * KB)
         self.assertEqual(value(self.metrics.exposition().decode(), "dioproxy_evictions_total", reason="size"), 1)
         self.assertEqual(
             value(self.metrics.exposition().decode(), "dioproxy_evicted_bytes_total", reason="size"), 30 * KB
@@ -148,7 +166,7 @@ class BoundTests(unittest.TestCase):
             self.put_blob(i, 30 * KB)
             yield self.settle()
             self.assertTrue(self.exists(first), "a blob being read was evicted")
-        self.assertLessEqual(self.bound.index.size, 100 * KB)
+        self.assertLessEqual(self.bound.size, 100 * KB)
         reader.finish()
         self.clock.now += 1
         for i in range(6, 9):
@@ -198,12 +216,12 @@ class BoundTests(unittest.TestCase):
         yield self.settle()
         self.bound.configure(40 * KB, None)
         yield self.settle()
-        self.assertEqual(self.bound.index.size, 30 * KB)
+        self.assertEqual(self.bound.size, 30 * KB)
         self.bound.configure(None, None)  # unbounded again
         for i in range(3, 8):
             self.put_blob(i, 30 * KB)
         yield self.settle()
-        self.assertEqual(self.bound.index.size, 180 * KB)
+        self.assertEqual(self.bound.size, 180 * KB)
 
     @defer.inlineCallbacks
     def test_restart_keeps_the_order_from_the_snapshot_and_mtimes(self):
@@ -211,15 +229,14 @@ class BoundTests(unittest.TestCase):
         self.bound.touch(BLOB, digests[0])  # in memory only: no file is written per hit
         mtime = os.stat(self.storage.blob_path(digests[0])).st_mtime
         yield self.bound.stop()
-        with open(os.path.join(self.root, LASTUSE_FILE)) as f:
-            snapshot = json.load(f)
+        snapshot = recorded_last_use(self.root)
         self.assertLess(abs(snapshot[BLOB][digests[0]] - self.clock.now), 0.1)
         self.assertEqual(os.stat(self.storage.blob_path(digests[0])).st_mtime, mtime)
 
         restarted = self.make_bound(max_size=100 * KB)
         yield restarted.start()
-        self.assertEqual(restarted.index.size, 90 * KB)
-        order = [k[1] for k, _ in restarted.index.oldest()]
+        self.assertEqual(restarted.size, 90 * KB)
+        order = [k[1] for k in (yield lru_keys(restarted))]
         self.assertEqual(order[-1], digests[0], "the snapshot's last use was lost")
         self.put_blob(9, 30 * KB)
         yield self.settle()
@@ -231,10 +248,10 @@ class BoundTests(unittest.TestCase):
         for i, d in enumerate(digests):  # oldest file last
             os.utime(self.storage.blob_path(d), (1000 + 10 * (3 - i), 1000 + 10 * (3 - i)))
         yield self.bound.stop()
-        os.unlink(os.path.join(self.root, LASTUSE_FILE))
+        forget_last_use(self.root)
         restarted = self.make_bound(max_size=100 * KB)
         yield restarted.start()
-        self.assertEqual([k[1] for k, _ in restarted.index.oldest()], list(reversed(digests)))
+        self.assertEqual([k[1] for k in (yield lru_keys(restarted))], list(reversed(digests)))
 
     @defer.inlineCallbacks
     def test_rescan_drops_what_was_removed_behind_our_back(self):
@@ -242,8 +259,8 @@ class BoundTests(unittest.TestCase):
         self.put_blob(2, 10 * KB)
         os.unlink(self.storage.blob_path(a))
         yield self.bound.rescan()
-        self.assertEqual(self.bound.index.size, 10 * KB)
-        self.assertNotIn((BLOB, a), self.bound.index)
+        self.assertEqual(self.bound.size, 10 * KB)
+        self.assertNotIn((BLOB, a), (yield lru_keys(self.bound)))
 
     @defer.inlineCallbacks
     def test_entries_stored_during_the_scan_are_kept(self):
@@ -251,7 +268,7 @@ class BoundTests(unittest.TestCase):
         d = bound.start()
         self.put_blob(1, 10 * KB)  # the scan runs in a thread; this lands while it may still run
         yield d
-        self.assertIn((BLOB, digest_of(1)), bound.index)
+        self.assertIn((BLOB, digest_of(1)), (yield lru_keys(bound)))
 
 
 class _StalledReader(protocol.Protocol):
