@@ -33,8 +33,9 @@ from typing import IO, Any
 from urllib.parse import quote
 
 from dioproxy import __version__, names, snippets
-from dioproxy.cachedir import BLOB, MANIFEST, entry_path, last_use, references, scan, tags
+from dioproxy.cachedir import BLOB, MANIFEST, entry_path, references, scan, tags
 from dioproxy.config import ConfigError, load_config, parse_duration
+from dioproxy.index import last_use
 from dioproxy.manifests import INDEX_TYPES
 from dioproxy.names import ImageRef, check_digest
 from dioproxy.prefetch import blobs_of, platform_of, select_platforms

@@ -1,7 +1,7 @@
-"""Reading the cache directory as a whole: entries with sizes and last use, tags, the last-use snapshot.
+"""Reading the cache directory as a whole: entries with sizes, slices of them for the index, tags.
 
-Plain blocking functions, no Twisted: the proxy runs them in a thread (``deferToThread``), the ``dioproxy``
-admin command calls them directly. The layout itself belongs to :mod:`dioproxy.storage`.
+Plain blocking functions, no Twisted: the proxy runs them in its disk pool, the ``dioproxy`` admin command calls
+them directly. The layout itself belongs to :mod:`dioproxy.storage`, the last uses to :mod:`dioproxy.index`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from dioproxy.storage import TagEntry, blob_path, manifest_path
 #: ``kind`` of an entry: blobs and manifests live in separate trees, a digest may be in both.
 BLOB, MANIFEST = "blob", "manifest"
 KINDS = (BLOB, MANIFEST)
-#: Last use of each entry, written now and then by the proxy (access times are kept in memory, not on disk).
+#: Last uses as versions before the index kept them (a JSON snapshot): read once into the index, then removed.
 LASTUSE_FILE = "lastuse.json"
 _HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -62,31 +61,28 @@ def _files(directory: str, kind: str) -> Iterator[Entry]:
         yield Entry(kind, "sha256:" + item.name, item.path, st.st_size, st.st_mtime)
 
 
+def slices(root: str) -> list[tuple[str, str, str]]:
+    """The directory in pieces the index reconciles one at a time: ``(kind, digest prefix, directory)`` for the
+    manifests and for each of the 256 blob prefix directories (``blobs/sha256/<2 hex>/``)."""
+    blobs = os.path.join(root, "blobs", "sha256")
+    return [(MANIFEST, "sha256:", os.path.join(root, "manifests", "sha256"))] + [
+        (BLOB, f"sha256:{i:02x}", os.path.join(blobs, f"{i:02x}")) for i in range(256)
+    ]
+
+
+def listing(directory: str, kind: str, prefix: str) -> list[tuple[str, int, float]]:
+    """``(digest, size, mtime)`` of the entries in one slice."""
+    return [(e.digest, e.size, e.mtime) for e in _files(directory, kind) if e.digest.startswith(prefix)]
+
+
 def load_lastuse(root: str) -> dict[str, dict[str, float]]:
-    """``{kind: {digest: unix time}}`` from the snapshot; empty if there is none or it is unreadable."""
+    """``{kind: {digest: unix time}}`` from an old snapshot; empty if there is none or it is unreadable."""
     try:
         with open(os.path.join(root, LASTUSE_FILE), encoding="utf-8") as f:
             data = json.load(f)
         return {kind: {str(d): float(t) for d, t in data.get(kind, {}).items()} for kind in KINDS}
     except (OSError, ValueError, TypeError, AttributeError):
         return {kind: {} for kind in KINDS}
-
-
-def save_lastuse(root: str, data: dict[str, dict[str, float]]) -> None:
-    """Write the snapshot atomically (temp file in ``tmp/``, then rename)."""
-    temp = os.path.join(root, "tmp", f"lastuse.{secrets.token_hex(6)}")
-    with open(temp, "w", encoding="utf-8") as f:
-        json.dump(data, f, separators=(",", ":"))
-    os.rename(temp, os.path.join(root, LASTUSE_FILE))
-
-
-def last_use(root: str) -> dict[tuple[str, str], float]:
-    """``(kind, digest) → last use``: the snapshot where it knows better, the file's mtime otherwise."""
-    snapshot = load_lastuse(root)
-    out = {}
-    for entry in scan(root):
-        out[(entry.kind, entry.digest)] = max(entry.mtime, snapshot[entry.kind].get(entry.digest, 0.0))
-    return out
 
 
 @dataclass

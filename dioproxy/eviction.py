@@ -1,13 +1,16 @@
 """A size-bounded cache: least-recently-used eviction of blobs and manifests past ``cache.max_size``.
 
-- Last-use times live in memory (an LRU-ordered index): a hit costs no disk write. They survive restarts through
-  a snapshot (``lastuse.json``) written every few minutes and at shutdown; entries the snapshot does not know
-  start from their file's mtime. The start-up scan of the directory runs in a thread.
-- The bound counts the stored entries plus the blobs being downloaded now (their announced size), so disk use
-  stays under it while fills run, not only once they are done. It is checked after each new entry and every
-  second.
-- An entry being read (a client streaming that blob) is pinned and never evicted; a blob being filled is not an
-  entry yet. Evicting a blob renames it into ``tmp/`` (atomic, instant) and deletes it in a thread.
+- Sizes and last-use times live in the cache index (:mod:`dioproxy.index`, SQLite, shared by every process on
+  the directory), touched only from the ``index`` thread. A hit costs a dict entry here: stored entries and last
+  uses are written in batches, before each check (every second) and at shutdown.
+- The start-up scan and the hourly rescan reconcile the directory with the index in the background, one slice
+  (a blob prefix directory, the manifests) at a time: listed in the ``disk`` pool, merged in the ``index`` thread.
+  Entries of a directory that predates the index start from their file's mtime (or the old ``lastuse.json``).
+- The bound counts the stored entries (of every process) plus the blobs being downloaded here now (their
+  announced size), so disk use stays under it while fills run, not only once they are done.
+- Victims are chosen by a query (least recently used first, a few hundred per turn) and taken out of the index
+  in one transaction; their files are deleted in the ``disk`` pool. An entry being read here (a client streaming
+  that blob) is pinned and never evicted; pins are per process. A blob being filled is not an entry yet.
 - ``cache.max_age``: entries not read for that long are removed too.
 """
 
@@ -15,82 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Iterator
 from typing import Any, Callable
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from dioproxy.cachedir import BLOB, KINDS, MANIFEST, entry_path, load_lastuse, save_lastuse, scan
+from dioproxy.cachedir import BLOB, KINDS, LASTUSE_FILE, MANIFEST, entry_path, listing, load_lastuse, slices
+from dioproxy.index import CacheIndex, index_path
 from dioproxy.storage import DiskStorage
 
 log = Logger()
 
 Key = tuple[str, str]  # (kind, digest)
-
-
-class CacheIndex:
-    """Entries by (kind, digest) → [size, last use], least recently used first."""
-
-    def __init__(self) -> None:
-        self._lru: OrderedDict[Key, list] = OrderedDict()
-        self.size = 0
-        self.counts = dict.fromkeys(KINDS, 0)
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self._lru
-
-    def __len__(self) -> int:
-        return len(self._lru)
-
-    def get(self, key: Key) -> list | None:
-        return self._lru.get(key)
-
-    def add(self, key: Key, size: int, used: float) -> None:
-        """A new (or rewritten) entry; it counts as just used."""
-        self.remove(key)
-        self._lru[key] = [size, used]
-        self.size += size
-        self.counts[key[0]] += 1
-
-    def touch(self, key: Key, now: float) -> bool:
-        entry = self._lru.get(key)
-        if entry is None:
-            return False
-        entry[1] = max(entry[1], now)
-        self._lru.move_to_end(key)
-        return True
-
-    def remove(self, key: Key) -> list | None:
-        entry = self._lru.pop(key, None)
-        if entry is not None:
-            self.size -= entry[0]
-            self.counts[key[0]] -= 1
-        return entry
-
-    def oldest(self) -> Iterator[tuple[Key, list]]:
-        """The entries, least recently used first, lazily: callers stop early, and must not modify the index
-        while iterating (collect first, then remove)."""
-        return iter(self._lru.items())
-
-    def first(self) -> tuple[Key, list] | None:
-        return next(iter(self._lru.items()), None)
-
-    def items(self) -> list[tuple[Key, list]]:
-        return list(self._lru.items())
-
-    def replace(self, entries: list[tuple[Key, int, float]]) -> None:
-        """Rebuild from a scan: ``(key, size, last use)``, ordered here by last use."""
-        self._lru.clear()
-        self.size = 0
-        self.counts = dict.fromkeys(KINDS, 0)
-        for key, size, used in sorted(entries, key=lambda e: e[2]):
-            self._lru[key] = [size, used]
-            self.size += size
-            self.counts[key[0]] += 1
+#: Victims taken per turn: the hooks and metrics run on the reactor, so a big expiry goes in slices.
+SLICE = 500
 
 
 class IndexedStorage(DiskStorage):
@@ -126,8 +68,9 @@ class CacheBound:
         inflight: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.time,
         check_interval: float = 1.0,
-        snapshot_interval: float = 300.0,
         rescan_interval: float = 3600.0,
+        *,
+        pools: Any,
     ) -> None:
         self.storage = storage
         self.reactor = reactor
@@ -137,19 +80,25 @@ class CacheBound:
         self.inflight = inflight
         self.clock = clock
         self.check_interval = check_interval
-        self.snapshot_interval = snapshot_interval
         self.rescan_interval = rescan_interval
-        self.index = CacheIndex()
+        self.pools = pools
+        self.index: CacheIndex | None = None  # opened in the index thread by start()
+        #: Totals of the index (every process's entries), as of our last call to it.
+        self.size = 0
+        self.counts = dict.fromkeys(KINDS, 0)
         self.pins: dict[Key, set] = {}
         self.ready = False
-        self._scanning = False
-        self._during_scan: dict[Key, tuple[int, float] | None] = {}  # added (size, time) or removed (None)
-        self._touched_during_scan: dict[Key, float] = {}
-        self._dirty = False
+        self._added: dict[Key, tuple[int, float]] = {}  # not yet written to the index
+        self._touched: dict[Key, float] = {}
+        self._leaving: set[Key] = set()  # out of the index, files being deleted
+        self._checking = False
+        self._check_again = False
         self._check_call: Any = None
         self._loops: list[task.LoopingCall] = []
         self._ready_waiters: list[defer.Deferred] = []
         self._scan: defer.Deferred | None = None
+        self._working = 0  # calls to the pools under way (stop waits for them)
+        self._quiet: list[defer.Deferred] = []
         self._stopped = False
         #: ``f(kind, digest)`` after an entry was evicted, for state kept about it elsewhere (private records).
         self.on_evict: list[Callable[[str, str], None]] = []
@@ -158,19 +107,24 @@ class CacheBound:
     # -- life ------------------------------------------------------------------------------------------------
 
     def start(self) -> defer.Deferred:
-        """Scan the directory (in a thread), then start the periodic check, snapshot and rescan."""
-        d = self.rescan()
-        d.addCallback(lambda _: self._start_loops())
-        return d
+        """Open the index, reconcile it with the directory (in the background), then start the periodic check
+        and rescan."""
+        self._stopped = False
+        d = self.pools.index.run(CacheIndex, index_path(self.storage.root))
+        d.addCallback(self._opened)
+        d.addErrback(lambda f: log.failure("cannot open the cache index", f))
+        return self._track(d)
+
+    def _opened(self, index: CacheIndex) -> defer.Deferred | None:
+        if self._stopped:
+            return self.pools.index.run(index.close)
+        self.index = index
+        return self.rescan().addCallback(lambda _: self._start_loops())
 
     def _start_loops(self) -> None:
         if self._stopped:
             return
-        for interval, f in (
-            (self.check_interval, self.check),
-            (self.snapshot_interval, self.snapshot),
-            (self.rescan_interval, self.rescan),
-        ):
+        for interval, f in ((self.check_interval, self.check), (self.rescan_interval, self.rescan)):
             if interval and interval > 0:
                 loop = task.LoopingCall(f)
                 loop.clock = self.reactor
@@ -178,24 +132,44 @@ class CacheBound:
                 self._loops.append(loop)
 
     def stop(self) -> defer.Deferred:
-        """Stop the timers and write the last-use snapshot (after a scan still running has finished)."""
+        """Stop the timers, let the calls under way end (a scan ends after its current slice), write what is not in
+        the index yet and close it."""
         self._stopped = True
-        if self._scan is not None:
-            d: defer.Deferred = defer.Deferred()
-            self._scan.addBoth(lambda _: self._stop_now().chainDeferred(d))
-            return d
-        return self._stop_now()
-
-    def _stop_now(self) -> defer.Deferred:
         for loop in self._loops:
             if loop.running:
                 loop.stop()
         self._loops = []
         if self._check_call is not None and self._check_call.active():
             self._check_call.cancel()
-        if not self.ready:
+        quiet: defer.Deferred = defer.Deferred()
+        if self._working:
+            self._quiet.append(quiet)
+        else:
+            quiet.callback(None)
+        return quiet.addCallback(lambda _: self._close())
+
+    def _track(self, d: defer.Deferred) -> defer.Deferred:
+        """Count ``d`` (the whole chain of a call to the pools) as work under way until it fires."""
+        self._working += 1
+
+        def done(result: Any) -> Any:
+            self._working -= 1
+            if not self._working:
+                waiters, self._quiet = self._quiet, []
+                for w in waiters:
+                    w.callback(None)
+            return result
+
+        return d.addBoth(done)
+
+    def _close(self) -> defer.Deferred:
+        index, self.index = self.index, None
+        if index is None:
             return defer.succeed(None)
-        return self.snapshot(force=True)
+        d = self._write(index)
+        d.addErrback(lambda f: log.warn("cannot write the last uses to the cache index: {e}", e=f.getErrorMessage()))
+        d.addCallback(lambda _: self.pools.index.run(index.close))
+        return d
 
     def when_ready(self) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
@@ -209,76 +183,98 @@ class CacheBound:
         self.max_size, self.max_age = max_size, max_age
         self.schedule_check()
 
+    # -- the index -------------------------------------------------------------------------------------------
+
+    def _write(self, index: CacheIndex, f: Callable[..., Any] | None = None, *args: Any) -> defer.Deferred:
+        """In the index thread: write the batched changes, then ``f(index, *args)``; fires with its result (and
+        refreshes our totals). The batch is kept for the next call if this one fails."""
+        added, touched = self._added, self._touched
+        self._added, self._touched = {}, {}
+        d = self.pools.index.run(_in_index, index, added, touched, f, args)
+
+        def done(result: tuple[Any, tuple[dict, dict]]) -> Any:
+            value, (counts, sizes) = result
+            self.counts, self.size = counts, sum(sizes.values())
+            return value
+
+        def failed(failure: Any) -> Any:
+            for key, when in touched.items():
+                self._touched[key] = max(when, self._touched.get(key, 0.0))
+            self._added = {**added, **self._added}
+            return failure
+
+        return d.addCallbacks(done, failed)
+
+    def flush(self) -> defer.Deferred:
+        """Write the batched changes now (and refresh the totals)."""
+        if self.index is None:
+            return defer.succeed(None)
+        return self._track(self._write(self.index))
+
     # -- scan ------------------------------------------------------------------------------------------------
 
     def rescan(self) -> defer.Deferred:
-        """Rebuild the index from the directory in a thread; changes made meanwhile are merged in afterwards.
+        """Reconcile the index with the directory, slice by slice, in the background.
 
         Also how entries removed behind our back (``dioproxy purge``, ``verify --repair``) leave the index.
         """
-        if self._scanning:
+        if self._scan is not None or self.index is None:
             return defer.succeed(None)
-        self._scanning = True
-        self._during_scan = {}
-        self._touched_during_scan = {}
-        root = self.storage.root
-        d = threads.deferToThread(_scan_with_lastuse, root)
-        d.addCallback(self._scanned)
-        d.addErrback(self._scan_failed)
-        self._scan = d
-        return d
+        d = self._scan = defer.ensureDeferred(self._reconcile(self.index))
+        d.addErrback(lambda f: log.failure("cache index scan failed", f))
+        d.addBoth(self._scan_done)
+        return self._track(d)
 
-    def _scanned(self, entries: list[tuple[Key, int, float]]) -> None:
-        # Last-use times we know in memory are newer than the snapshot's.
-        known = {key: value[1] for key, value in self.index.items()}
-        merged = {key: (size, max(used, known.get(key, 0.0))) for key, size, used in entries}
-        for key, change in self._during_scan.items():
-            if change is None:
-                merged.pop(key, None)
-            else:
-                merged[key] = change
-        for key, when in self._touched_during_scan.items():
-            if key in merged:
-                merged[key] = (merged[key][0], max(merged[key][1], when))
-        self.index.replace([(key, size, used) for key, (size, used) in merged.items()])
-        self._scanning, self._scan = False, None
-        self._during_scan, self._touched_during_scan = {}, {}
+    def _scan_done(self, result: Any) -> Any:
+        self._scan = None
+        return result
+
+    async def _reconcile(self, index: CacheIndex) -> None:
+        root = self.storage.root
+        old = await self.pools.disk.run(load_lastuse, root)  # a directory from before the index
+        added = removed = 0
+        for kind, prefix, directory in slices(root):
+            if self._stopped:
+                return
+            listed_at = self.clock()
+            found = await self.pools.disk.run(listing, directory, kind, prefix)
+            more, gone = await self._write(
+                index, CacheIndex.reconcile, kind, prefix, found, listed_at, old[kind], set(self._leaving)
+            )
+            added, removed = added + more, removed + gone
+        if any(old.values()):
+            await self.pools.disk.run(_unlink, os.path.join(root, LASTUSE_FILE))  # migrated into the index
+        self._scanned(added, removed)
+
+    def _scanned(self, added: int, removed: int) -> None:
         first = not self.ready
         self.ready = True
         if first:
             log.info(
-                "cache index: {n} entries, {size} bytes (bound: {bound})",
-                n=len(self.index),
+                "cache index: {n} entries, {size} bytes (bound: {bound}); {added} found, {removed} gone",
+                n=sum(self.counts.values()),
                 size=self.size,
                 bound=self.max_size or "none",
+                added=added,
+                removed=removed,
             )
             waiters, self._ready_waiters = self._ready_waiters, []
             for w in waiters:
                 w.callback(None)
         self.check()
 
-    def _scan_failed(self, failure: Any) -> None:
-        self._scanning, self._scan = False, None
-        log.failure("cache index scan failed", failure)
-
     # -- events ----------------------------------------------------------------------------------------------
 
     def added(self, kind: str, digest: str, size: int) -> None:
         """``IndexedStorage.on_store``: a verified entry was stored."""
         key = (kind, digest)
-        now = self.clock()
-        self.index.add(key, size, now)
-        if self._scanning:
-            self._during_scan[key] = (size, now)
-        self._dirty = True
+        self._added[key] = (size, self.clock())
+        self._touched.pop(key, None)
         self.schedule_check()
 
     def touch(self, kind: str, digest: str) -> None:
         key = (kind, digest)
-        now = self.clock()
-        if not self.index.touch(key, now) and self._scanning:
-            self._touched_during_scan[key] = now
-        self._dirty = True
+        self._touched[key] = max(self.clock(), self._touched.get(key, 0.0))
 
     def reading(self, digest: str, request: Any) -> None:
         """A client is about to read this blob: it counts as used, and is not evicted while the request lasts."""
@@ -310,6 +306,9 @@ class CacheBound:
         del self.pins[key]
         return False
 
+    def _pinned(self) -> set[Key]:
+        return {key for key in list(self.pins) if self.pinned(key)}
+
     def request_done(self, request: Any) -> None:
         """A manifest was served: its digest is in the response headers (tags too, and 304s)."""
         if request.code not in (200, 304) or b"/manifests/" not in (request.path or b""):
@@ -319,11 +318,6 @@ class CacheBound:
             self.touch(MANIFEST, digests[0])
 
     # -- eviction --------------------------------------------------------------------------------------------
-
-    @property
-    def size(self) -> int:
-        """Bytes of the stored entries."""
-        return self.index.size
 
     def total(self) -> int:
         """What the bound is checked against: stored entries plus blobs being downloaded."""
@@ -335,121 +329,138 @@ class CacheBound:
             self._check_call = self.reactor.callLater(0, self.check)
 
     def check(self) -> None:
-        if not self.ready:
+        """Write the batched changes, then evict what max_age and the bound ask for (one slice; the next
+        follows at once if there is more)."""
+        if not self.ready or self.index is None:
             return
-        if self.max_age:
-            limit = self.clock() - self.max_age
-            expired = []
-            for key, (_size, used) in self.index.oldest():
-                if used >= limit:
-                    break
-                if not self.pinned(key):
-                    expired.append(key)
-            for key in expired:
-                self._evict(key, "age")
-        if self.max_size is None:
+        if self._checking:
+            self._check_again = True
             return
-        excess = self.total() - self.max_size
-        if excess <= 0:
-            return
-        victims = []
-        for key, (size, _used) in self.index.oldest():
-            if excess <= 0:
-                break
-            if not self.pinned(key):
-                victims.append(key)
-                excess -= size
-        for key in victims:
-            self._evict(key, "size")
-        if excess > 0:
+        self._checking = True
+        before = self.clock() - self.max_age if self.max_age else None
+        room = self.max_size - self.inflight() if self.max_size is not None else None
+        d = self._write(self.index, CacheIndex.claim, self._pinned(), SLICE, before, room)
+        d.addCallback(self._claimed, room)
+        d.addErrback(lambda f: log.failure("cache bound check failed", f))
+        d.addBoth(self._checked)
+        self._track(d)
+
+    def _claimed(self, claimed: tuple[list, int], room: int | None) -> defer.Deferred:
+        victims, wanted = claimed
+        if len(victims) >= SLICE:
+            self._check_again = True
+        elif wanted > 0 and room is not None:
             log.warn(
                 "cache is {excess} bytes over its bound of {bound}: the rest is being read or downloaded",
-                excess=excess,
+                excess=wanted,
                 bound=self.max_size,
             )
+        return self._evict(victims)
+
+    def _checked(self, _: Any) -> None:
+        self._checking = False
+        if self._check_again and not self._stopped:
+            self._check_again = False
+            self.schedule_check()
+
+    async def _make_room(self, nbytes: int) -> None:
+        freed = 0
+        while freed < nbytes and self.index is not None:
+            victims, _ = await self._write(
+                self.index, CacheIndex.claim, self._pinned(), SLICE, None, None, nbytes - freed
+            )
+            if victims:
+                log.warn(
+                    "cache disk full: evicting {n} entries ({freed} bytes) to make room",
+                    n=len(victims),
+                    freed=sum(v[2] for v in victims),
+                )
+            freed += await self._evict(victims)
+            if len(victims) < SLICE:
+                return
 
     def make_room(self, nbytes: int) -> defer.Deferred:
         """The disk is full (whatever the bound says): evict least recently used, unpinned entries totalling
         ``nbytes``; fires once their files are deleted."""
-        victims, freed = [], 0
-        for key, (size, _used) in self.index.oldest():
-            if freed >= nbytes:
-                break
-            if not self.pinned(key):
-                victims.append(key)
+        return self._track(defer.ensureDeferred(self._make_room(nbytes)))
+
+    def _evict(self, victims: list[tuple[str, str, int, str]]) -> defer.Deferred:
+        """Delete the files of entries taken out of the index (in the disk pool); fires with the bytes freed."""
+        if not victims:
+            return defer.succeed(0)
+        keys = [(kind, digest) for kind, digest, _, _ in victims]
+        self._leaving.update(keys)
+        d = self.pools.disk.run(_remove_entries, self.storage.root, victims)
+        d.addCallback(self._evicted, victims)
+        d.addErrback(lambda f: log.failure("eviction: cannot delete files", f) or 0)
+
+        def settled(result: Any) -> Any:
+            self._leaving.difference_update(keys)
+            return result
+
+        return d.addBoth(settled)
+
+    def _evicted(self, errors: list[str | None], victims: list[tuple[str, str, int, str]]) -> int:
+        freed = 0
+        for (kind, digest, size, reason), error in zip(victims, errors):
+            if error == "gone":  # removed behind our back (purge, repair): gone all the same
                 freed += size
-        if victims:
-            log.warn("cache disk full: evicting {n} entries ({freed} bytes) to make room", n=len(victims), freed=freed)
-        return defer.gatherResults([self._evict(key, "space") for key in victims])
-
-    def _evict(self, key: Key, reason: str) -> defer.Deferred:
-        """Fires with the bytes freed once the entry's file is gone."""
-        entry = self.index.remove(key)
-        if entry is None:
-            return defer.succeed(0)
-        if self._scanning:
-            self._during_scan[key] = None
-        kind, digest = key
-        path = entry_path(self.storage.root, kind, digest)
-        try:
-            if kind == BLOB:
-                # Rename now (instant, and a new request can no longer find it), delete in a thread.
-                doomed = os.path.join(self.storage.tmp, f"evicted.{digest.split(':', 1)[1]}.{secrets.token_hex(4)}")
-                os.rename(path, doomed)
-                deleted = threads.deferToThread(_unlink, doomed)
-                deleted.addErrback(lambda f: log.failure("eviction unlink", f))
-            else:
-                os.unlink(path)
-                deleted = defer.succeed(None)
-        except FileNotFoundError:
-            return defer.succeed(entry[0])  # removed behind our back (purge, repair): gone all the same
-        except OSError as e:
-            log.warn("cannot evict {kind} {digest}: {e}", kind=kind, digest=digest, e=e)
-            return defer.succeed(0)
-        self._dirty = True
-        for hook in self.on_evict:
-            hook(kind, digest)
-        if self.metrics is not None:
-            self.metrics.evicted(kind, reason, entry[0])
-        log.debug(
-            "evicted {kind} {digest} ({size} bytes, {reason})", kind=kind, digest=digest, size=entry[0], reason=reason
-        )
-        return deleted.addCallback(lambda _: entry[0])
-
-    # -- snapshot --------------------------------------------------------------------------------------------
-
-    def snapshot(self, force: bool = False) -> defer.Deferred:
-        """Write the last-use times (in a thread) if anything changed since the last snapshot."""
-        if not (self._dirty or force) or not self.ready:
-            return defer.succeed(None)
-        self._dirty = False
-        data: dict[str, dict[str, float]] = {kind: {} for kind in KINDS}
-        for (kind, digest), (_, used) in self.index.items():
-            data[kind][digest] = round(used, 1)
-        d = threads.deferToThread(save_lastuse, self.storage.root, data)
-        d.addErrback(lambda f: log.warn("cannot write the last-use snapshot: {e}", e=f.getErrorMessage()))
-        return d
+                continue
+            if error is not None:
+                log.warn("cannot evict {kind} {digest}: {e}", kind=kind, digest=digest, e=error)
+                continue
+            freed += size
+            for hook in self.on_evict:
+                hook(kind, digest)
+            if self.metrics is not None:
+                self.metrics.evicted(kind, reason, size)
+            log.debug(
+                "evicted {kind} {digest} ({size} bytes, {reason})", kind=kind, digest=digest, size=size, reason=reason
+            )
+        return freed
 
     # -- metrics ---------------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
         return {
             "cache_size": self.size,
-            "cache_entries": dict(self.index.counts),
+            "cache_entries": dict(self.counts),
             "max_size": self.max_size or 0,
             "pinned": sum(1 for key in list(self.pins) if self.pinned(key)),
             "ready": 1 if self.ready else 0,
         }
 
 
+def _in_index(
+    index: CacheIndex,
+    added: dict[Key, tuple[int, float]],
+    touched: dict[Key, float],
+    f: Callable[..., Any] | None,
+    args: tuple,
+) -> tuple[Any, tuple[dict, dict]]:
+    """Runs in the index thread: the batch, the call, the totals after it."""
+    index.apply(added, touched)
+    value = f(index, *args) if f is not None else None
+    return value, index.totals()
+
+
+def _remove_entries(root: str, victims: list[tuple[str, str, int, str]]) -> list[str | None]:
+    """Runs in the disk pool: None (deleted), "gone" (already) or the error, per victim."""
+    errors: list[str | None] = []
+    for kind, digest, _, _ in victims:
+        try:
+            os.unlink(entry_path(root, kind, digest))
+            errors.append(None)
+        except FileNotFoundError:
+            errors.append("gone")
+        except OSError as e:
+            errors.append(str(e))
+    return errors
+
+
 def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def _scan_with_lastuse(root: str) -> list[tuple[Key, int, float]]:
-    snapshot = load_lastuse(root)
-    return [((e.kind, e.digest), e.size, max(e.mtime, snapshot[e.kind].get(e.digest, 0.0))) for e in scan(root)]
 
 
 def inflight_bytes(fills: Any) -> int:

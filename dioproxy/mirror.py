@@ -62,6 +62,7 @@ class Mirror:
                 config.cache_max_size,
                 config.cache_max_age,
                 inflight=lambda: inflight_bytes(self.fills),
+                pools=self.pools,
             )
             if self.storage
             else None

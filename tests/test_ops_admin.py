@@ -11,7 +11,6 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from dioproxy import admin, snippets
-from dioproxy.cachedir import LASTUSE_FILE
 from tests.harness import Proxy, start_upstream
 from tests.test_ops_metrics import Puller
 
@@ -186,21 +185,23 @@ class CacheCommandTests(unittest.TestCase):
         puller = Puller(self, self.proxy)
         yield puller.pull(old)
         yield puller.pull(new)
-        yield self.proxy.mirror.cache.snapshot(force=True)
-        with open(os.path.join(self.root, LASTUSE_FILE)) as f:
-            snapshot = json.load(f)
+        cache = self.proxy.mirror.cache
+        yield cache.flush()
         long_ago = 1_000_000_000
-        for kind, digests in (("blob", list(old.blobs)), ("manifest", [old.digest])):
-            for digest in digests:
-                snapshot[kind][digest] = long_ago
-                os.utime(
-                    self.proxy.blob_file(digest)
-                    if kind == "blob"
-                    else os.path.join(self.root, "manifests", "sha256", digest.split(":")[1]),
-                    (long_ago, long_ago),
-                )
-        with open(os.path.join(self.root, LASTUSE_FILE), "w") as f:
-            json.dump(snapshot, f)
+        aged = [("blob", d) for d in old.blobs] + [("manifest", old.digest)]
+        for kind, digest in aged:
+            os.utime(
+                self.proxy.blob_file(digest)
+                if kind == "blob"
+                else os.path.join(self.root, "manifests", "sha256", digest.split(":")[1]),
+                (long_ago, long_ago),
+            )
+
+        def age(index):  # in the index too: as if last used long ago
+            for key in aged:
+                index.add(key, index.get(key)[0], long_ago)
+
+        yield cache.pools.index.run(age, cache.index)
         code, out, _ = yield run_in_thread("purge", "--older-than", "30d", "--cache-dir", self.root)
         self.assertEqual(code, 0, out)
         self.assertIn("removed tag docker.io/library/old:1", out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import time
@@ -11,9 +10,11 @@ import time
 from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 
-from dioproxy.cachedir import BLOB, LASTUSE_FILE, MANIFEST
-from dioproxy.eviction import CacheBound, CacheIndex, IndexedStorage
+from dioproxy.cachedir import BLOB, MANIFEST
+from dioproxy.eviction import CacheBound, IndexedStorage
+from dioproxy.index import CacheIndex, last_use, remove_index
 from dioproxy.metrics import Metrics
+from dioproxy.pools import Pools
 from tests.harness import Proxy, eventually, start_upstream
 from tests.test_ops_metrics import Puller, value
 
@@ -52,19 +53,22 @@ class FakeRequest:
 @defer.inlineCallbacks
 def lru_keys(bound: CacheBound):
     """The index's entries, least recently used first."""
-    yield None
-    return [key for key, _ in bound.index.oldest()]
+    index = bound.index
+    keys = yield bound.flush().addCallback(lambda _: bound.pools.index.run(lambda: [k for k, _ in index.oldest()]))
+    return keys
 
 
 def recorded_last_use(root: str) -> dict:
     """``{kind: {digest: last use}}`` as the proxy recorded it for the next start."""
-    with open(os.path.join(root, LASTUSE_FILE)) as f:
-        return json.load(f)
+    recorded: dict = {BLOB: {}, MANIFEST: {}}
+    for (kind, digest), used in last_use(root).items():
+        recorded[kind][digest] = used
+    return recorded
 
 
 def forget_last_use(root: str) -> None:
     """Drop the record of last uses: the next start knows only the files."""
-    os.unlink(os.path.join(root, LASTUSE_FILE))
+    remove_index(root)
 
 
 class Clock:
@@ -77,7 +81,7 @@ class Clock:
 
 class IndexTests(unittest.TestCase):
     def test_lru_order_and_counts(self):
-        index = CacheIndex()
+        index = CacheIndex(self.mktemp())
         index.add((BLOB, "a"), 10, 1.0)
         index.add((BLOB, "b"), 20, 2.0)
         index.add((MANIFEST, "c"), 5, 3.0)
@@ -100,6 +104,8 @@ class BoundTests(unittest.TestCase):
         self.storage = IndexedStorage(self.root)
         self.clock = Clock()
         self.metrics = Metrics()
+        self.pools = Pools(reactor)
+        self.addCleanup(self.pools.stop)
         self.bound = self.make_bound(max_size=100 * KB)
         yield self.bound.start()
 
@@ -110,8 +116,8 @@ class BoundTests(unittest.TestCase):
             self.metrics,
             clock=self.clock,
             check_interval=0,
-            snapshot_interval=0,
             rescan_interval=0,
+            pools=self.pools,
             **kwargs,
         )
         self.addCleanup(bound.stop)
