@@ -4,7 +4,8 @@ Builds a cache directory of N entries (sparse files: real names, sizes and mtime
 the 256 prefix directories, 10 % manifests), then drives the size bound through its phases while a lag probe (a
 LoopingCall every 10 ms) records how late the reactor runs it: start (first, on a directory with no index, then
 again), rescan, last uses written after 10k hits (the old snapshot, the new batch), eviction of 1 % by size, 1 % by
-max_age, and stop. Once with the old code (``CacheBound`` of ``--old-rev``, the in-memory index and
+max_age, and stop; and the new code's first start on the directory the old code left (taking over its
+``lastuse.json``). Once with the old code (``CacheBound`` of ``--old-rev``, the in-memory index and
 ``lastuse.json``, copied out of git into a temp package) and once with the new (the SQLite index), each in its own
 process so neither pays for the other's garbage; prints both side by side with ratios.
 """
@@ -73,6 +74,7 @@ def run_side(side: str, root: str, entries: int, old_package: str | None) -> dic
 
     from dioproxy.pools import Pools
 
+    upgrade = side == "upgrade"  # the new code's first start on the old code's directory (its lastuse.json)
     if side == "old":
         sys.path.insert(0, old_package)
         from old_dioproxy.eviction import CacheBound, IndexedStorage  # type: ignore[import-not-found]
@@ -138,19 +140,30 @@ def run_side(side: str, root: str, entries: int, old_package: str | None) -> dic
     def main():
         probe.start(TICK)
         storage = IndexedStorage(root)
+        if upgrade:
+            bound = make(storage)
+            yield phase("start, upgrading from lastuse.json", lambda: start(bound))
+            yield bound.stop()
+        else:
+            yield run_phases(storage)
+        probe.stop()
+        if pools is not None:
+            pools.stop()
+
+    @defer.inlineCallbacks
+    def start(bound):
+        yield bound.start()
+        yield bound.when_ready()
+
+    @defer.inlineCallbacks
+    def run_phases(storage):
         bound = make(storage)
-
-        @defer.inlineCallbacks
-        def start():
-            yield bound.start()
-            yield bound.when_ready()
-
-        yield phase("start (no index yet)", start)
+        yield phase("start (no index yet)", lambda: start(bound))
         total = size(bound)
         results["entries"] = total // ENTRY_SIZE
         yield phase("stop (after the first start)", bound.stop)
         bound = make(storage)
-        yield phase("start again", start)
+        yield phase("start again", lambda: start(bound))
         yield phase("rescan", bound.rescan)
 
         rng = random.Random(1)
@@ -177,9 +190,6 @@ def run_side(side: str, root: str, entries: int, old_package: str | None) -> dic
 
         yield phase("expire 1% by max_age", expire)
         yield phase("stop", bound.stop)
-        probe.stop()
-        if pools is not None:
-            pools.stop()
         results["final_entries"] = size(bound) // ENTRY_SIZE
 
     def done(result):
@@ -219,6 +229,7 @@ def child(side: str, root: str, entries: int, package: str | None) -> dict:
 
 
 def forget(root: str) -> None:
+    """No index, no snapshot: as if no proxy had run on the directory yet."""
     for name in ("index.db", "index.db-wal", "index.db-shm", "lastuse.json"):
         path = os.path.join(root, name)
         if os.path.exists(path):
@@ -236,12 +247,15 @@ def report(entries: int, old: dict, new: dict) -> str:
     for name, result in new.items():
         if not isinstance(result, dict):
             continue
-        before = old.get(name, {})
-        ratio = before.get("stall_ms", 0) / max(result["stall_ms"], 1.0)
         worst_new = max(worst_new, result["stall_ms"])
+        before = old.get(name)
+        if before is None:  # the old code has no such phase
+            lines.append(f"| {name} | - | {result['stall_ms']:.0f} ms | - | - | {result['seconds']:.1f} s |")
+            continue
+        ratio = before["stall_ms"] / max(result["stall_ms"], 1.0)
         lines.append(
-            f"| {name.strip()} | {before.get('stall_ms', 0):.0f} ms | {result['stall_ms']:.0f} ms | {ratio:.0f}x "
-            f"| {before.get('seconds', 0):.1f} s | {result['seconds']:.1f} s |"
+            f"| {name} | {before['stall_ms']:.0f} ms | {result['stall_ms']:.0f} ms | {ratio:.0f}x "
+            f"| {before['seconds']:.1f} s | {result['seconds']:.1f} s |"
         )
     lines += [
         "",
@@ -258,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--entries", type=int, default=1_000_000)
     p.add_argument("--dir", help="build the cache here (kept; reused if it already holds --entries)")
     p.add_argument("--old-rev", default=OLD_REV, help="git revision of the old code (default %(default)s)")
-    p.add_argument("--side", choices=("old", "new"), help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=("old", "new", "upgrade"), help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--old-package", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -285,11 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.entries:,} entries ready in {time.monotonic() - began:.0f} s", file=sys.stderr)
         package = old_package(args.old_rev, os.path.join(scratch, "old"))
         results = {}
-        for side in ("new", "old"):
-            forget(root)
+        for side in ("new", "old", "upgrade"):
+            if side != "upgrade":  # which takes over the lastuse.json the old side left
+                forget(root)
             results[side] = child(side, root, args.entries, package if side == "old" else None)
-            build(root, args.entries, built["start"])  # the evicted entries back, for the other side
+            build(root, args.entries, built["start"])  # the evicted entries back, for the next side
         forget(root)
+        results["new"].update(results["upgrade"])
         print(report(args.entries, results["old"], results["new"]))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
