@@ -100,6 +100,8 @@ class CacheIndex:
         self.busy_timeout = busy_timeout
         try:
             self._db = self._open()
+        except sqlite3.OperationalError:  # locked, unwritable: never a reason to drop what others share
+            raise
         except sqlite3.DatabaseError:  # not a database, or damaged: derived data, so start afresh
             _remove(path)
             self._db = self._open()

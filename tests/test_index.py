@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sqlite3
 import time
 
 from twisted.internet import defer, reactor, task, threads
@@ -220,6 +221,17 @@ class TakeOverTests(unittest.TestCase):
         proc = Process(self, self.root)
         yield proc.bound.start()
         self.assertEqual((yield lru_keys(proc.bound)), [(BLOB, a)])
+
+    def test_a_locked_index_is_waited_for_never_dropped(self):
+        first = CacheIndex(index_path(self.root))
+        self.addCleanup(first.close)
+        first.add((BLOB, digest_of(1)), 1, 100.0)
+        first._db.execute("BEGIN IMMEDIATE")  # another process is writing, for longer than we wait
+        self.addCleanup(lambda: first._db.in_transaction and first._db.execute("ROLLBACK"))
+        with self.assertRaises(sqlite3.OperationalError):
+            CacheIndex(index_path(self.root), busy_timeout=0.1)
+        first._db.execute("ROLLBACK")
+        self.assertIn((BLOB, digest_of(1)), first)
 
     @defer.inlineCallbacks
     def test_the_admin_reads_without_creating_files(self):
