@@ -21,10 +21,10 @@ from tests.test_ops_metrics import Puller, value
 KB = 1000
 
 
-def quiet(bound: CacheBound, tmp: str) -> bool:
-    """No check scheduled and no evicted file still waiting for its unlink thread."""
+def quiet(bound: CacheBound) -> bool:
+    """No check scheduled, no call to the index or the disk pool (an eviction's unlinks) under way."""
     pending = bound._check_call is not None and bound._check_call.active()
-    return not pending and not any(name.startswith("evicted.") for name in os.listdir(tmp))
+    return not pending and not bound._working
 
 
 def digest_of(n: int) -> str:
@@ -137,7 +137,7 @@ class BoundTests(unittest.TestCase):
 
     def settle(self):
         """Wait for the scheduled check and the unlink threads to have run."""
-        return eventually(lambda: quiet(self.bound, self.storage.tmp), why="the bound is still at work")
+        return eventually(lambda: quiet(self.bound), why="the bound is still at work")
 
     @defer.inlineCallbacks
     def test_least_recently_used_go_first(self):
@@ -331,7 +331,7 @@ class BoundUnderLoadTests(unittest.TestCase):
         try:
             for start in range(0, len(images), 3):
                 yield defer.gatherResults([self.puller.pull(image) for image in images[start : start + 3]])
-                yield eventually(lambda: quiet(self.cache, self.proxy.mirror.storage.tmp))
+                yield eventually(lambda: quiet(self.cache))
                 self.assertLessEqual(disk_usage(self.proxy.cache_dir), self.bound)
         finally:
             sampler.stop()
