@@ -212,7 +212,7 @@ class PageTests(unittest.TestCase):
         self.assertEqual(hour["hit_ratio"], 0.5)
         self.assertEqual(data["traffic"]["day"]["cached_bytes"], hour["cached_bytes"])
         self.assertEqual(data["cache"]["max_size"], 1_000_000_000)
-        self.assertEqual(data["cache"]["size"], self.proxy.mirror.cache.index.size)
+        self.assertEqual(data["cache"]["size"], self.proxy.mirror.cache.size)
         self.assertGreater(data["cache"]["size"], 300_000)
         [hub] = [u for u in data["upstreams"] if u["registry"] == "docker.io"]
         self.assertEqual(hub["state"], "ok", "mirror.health saw the pull succeed")
