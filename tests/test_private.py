@@ -155,6 +155,7 @@ class PrivateBlobTests(unittest.TestCase):
         yield self.proxy.mirror.cache.when_ready()
         self.assertTrue(os.path.exists(self.record(self.layer)))
         yield self.proxy.mirror.cache.make_room(10**15)  # evicts everything
+        yield self.proxy.mirror.storage.settled()  # the record is deleted in the disk pool's queue
         self.assertFalse(os.path.exists(self.record(self.layer)))
 
 
