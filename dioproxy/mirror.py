@@ -193,7 +193,7 @@ class Mirror:
         return closed.addBoth(self._stop_pools)
 
     def _stop_pools(self, result: Any) -> Any:
-        self.pools.stop()  # after the snapshot, which runs in one of them
+        self.pools.stop()  # after the index flush and the small writes, which run in them
         return result
 
     def start(self) -> int:

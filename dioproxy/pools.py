@@ -1,8 +1,8 @@
 """Thread pools of our own, one per kind of blocking work, each wait on them with a deadline.
 
 Twisted's default pool also runs its name resolver: if bcrypt checks or a slow disk filled it, DNS lookups for
-upstream requests would queue behind them. So logins (CPU-bound bcrypt), disk work (fsync, unlink, scans,
-snapshots) and the cache index (one thread: it owns its SQLite connection) each get a small pool, and a caller
+upstream requests would queue behind them. So logins (CPU-bound bcrypt), disk work (fsync, unlink, scans)
+and the cache index (one thread: it owns its SQLite connection) each get a small pool, and a caller
 never waits longer than its deadline for one (the work itself cannot be interrupted; its answer is dropped).
 """
 
@@ -51,7 +51,7 @@ class BlockingPool:
 
 
 class Pools:
-    """The mirror's pools: ``auth`` (bcrypt), ``disk`` (fsync, unlink, scans, snapshots), ``index`` (one thread)."""
+    """The mirror's pools: ``auth`` (bcrypt), ``disk`` (fsync, unlink, scans), ``index`` (one thread)."""
 
     def __init__(self, reactor: Any) -> None:
         self.auth = BlockingPool(reactor, "auth", 2, timeout=30.0)

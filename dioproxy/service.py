@@ -96,7 +96,7 @@ class MirrorService(service.MultiService):
         if self.reloader is not None:
             self.reloader.stop()
         d = defer.maybeDeferred(super().stopService)
-        d.addCallback(lambda _: self.mirror.close())  # writes the cache's last-use snapshot
+        d.addCallback(lambda _: self.mirror.close())  # flushes the cache index and pending small writes
         return d
 
 
