@@ -50,7 +50,7 @@ class Mirror:
         self.health.track(config.upstreams)
         self.clients = {name: self.make_client(upstream) for name, upstream in config.upstreams.items()}
         self.fills = (
-            FillManager(self.storage, reactor, config.read_timeout, self.metrics.fill_done, self.make_room)
+            FillManager(self.storage, reactor, self.pools.disk, self.metrics.fill_done, self.make_room)
             if self.storage
             else None
         )
