@@ -97,7 +97,7 @@ class Mirror:
         reactor = self.reactor
         security = config.security
         self.gate = (
-            Gate(Htpasswd(security.htpasswd), Tokens(self.token_secret(config), security.token_ttl))
+            Gate(Htpasswd(security.htpasswd, self.pools.auth), Tokens(self.token_secret(config), security.token_ttl))
             if (security.htpasswd)
             else None
         )
