@@ -1,13 +1,17 @@
-"""Every wait has a deadline: upstream bodies, and the fill's fsync in a pool of its own."""
+"""Every wait has a deadline: upstream bodies, clients that stop reading, connection and descriptor limits."""
 
+import json
 import os
 import socket
+import sys
 import threading
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from tests.harness import Proxy, start_upstream
+from dioproxy.cachedir import BLOB
+from dioproxy.site import default_max_connections
+from tests.harness import Proxy, ProxyProcess, start_upstream
 from tests.test_ops_reload import eventually
 
 MB = 1024 * 1024
@@ -31,6 +35,11 @@ def raw_get(port: int, path: str = "/v2/", timeout: float = 10.0) -> defer.Defer
         return status, headers, body
 
     return threads.deferToThread(call)
+
+
+def proxy_fds(exclude: list[socket.socket] = ()) -> int:
+    """Descriptors this process holds, without the test's own client sockets (the proxy runs in-process)."""
+    return len(set(os.listdir("/proc/self/fd")) - {str(s.fileno()) for s in exclude})
 
 
 def silent_clients(port: int, path: str, n: int) -> list[socket.socket]:
@@ -139,6 +148,198 @@ class PassThroughBodyTests(unittest.TestCase):
 
         body = yield threads.deferToThread(read_all)
         self.assertEqual(body, self.data)
+
+
+class NonReadingClientTests(unittest.TestCase):
+    """``timeouts.client``: 20 clients that never read are dropped; descriptors and pins come back."""
+
+    timeout = 120
+    CLIENTS = 20
+
+    def setUp(self):
+        self.fake = start_upstream(self, require_auth=False, blob_redirect=False)
+        self.data = os.urandom(16 * MB)
+        self.digest = self.fake.add_blob(self.data)
+        self.path = f"/v2/library/hello/blobs/{self.digest}"
+
+    def start(self, **config):
+        self.proxy = Proxy(self, self.fake.registry_url, timeouts={"client": 3}, **config)
+
+    @defer.inlineCallbacks
+    def settled_fds(self, exclude=()):
+        """The count once idle upstream connections (not the clients' doing) are closed and it holds still."""
+        yield self.proxy.mirror.pool.closeCachedConnections()
+        last = None
+        while (now := proxy_fds(exclude)) != last:
+            last = now
+            yield task.deferLater(reactor, 0.2, lambda: None)
+        return now
+
+    @defer.inlineCallbacks
+    def check_release(self, kind, per_client):
+        port = self.proxy.port.getHost().port
+        pinned = (lambda: self.proxy.mirror.cache.pinned((BLOB, self.digest))) if self.proxy.mirror.cache else None
+        before = yield self.settled_fds()
+        began = reactor.seconds()
+        clients = silent_clients(port, self.path, self.CLIENTS)
+        self.addCleanup(lambda: [c.close() for c in clients])
+        yield eventually(lambda: proxy_fds(clients) >= before + per_client * self.CLIENTS, timeout=30)
+        during = proxy_fds(clients)
+        if pinned:
+            self.assertTrue(pinned())
+
+        @defer.inlineCallbacks
+        def released():
+            return (yield self.settled_fds(clients)) <= before and not (pinned and pinned())
+
+        yield eventually(released, timeout=60, step=0.2)
+        after = proxy_fds(clients)
+        elapsed = reactor.seconds() - began
+        print(
+            f"\n{kind}: proxy fds before {before}, with {self.CLIENTS} silent clients {during}, after {after}; "
+            f"released {elapsed:.1f} s after they connected (timeouts.client 3 s)",
+            file=sys.stderr,
+        )
+        self.assertEqual(after, before)
+
+    @defer.inlineCallbacks
+    def test_cached_blob_by_sendfile(self):
+        self.start()
+        response = yield self.proxy.get(self.path)
+        self.assertEqual((yield response.content()), self.data)
+        yield eventually(lambda: self.proxy.mirror.storage.blob_size(self.digest) is not None)
+        yield self.check_release("sendfile (cached)", per_client=2)  # socket + cache file
+
+    @defer.inlineCallbacks
+    def test_growing_blob_by_file_streamer(self):
+        self.start()
+        yield self.check_release("file streamer (fill)", per_client=2)
+
+    @defer.inlineCallbacks
+    def test_pass_through_pipe(self):
+        self.start(cache={"enabled": False})
+        yield self.check_release("pass-through pipe", per_client=3)  # socket + both ends of its upstream connection
+
+    @defer.inlineCallbacks
+    def test_idle_connection_is_closed(self):
+        self.start()
+        with socket.create_connection(("127.0.0.1", self.proxy.port.getHost().port)) as s:
+            s.setblocking(False)
+
+            def closed():
+                try:
+                    return s.recv(1) == b""
+                except BlockingIOError:
+                    return False
+
+            yield eventually(closed, timeout=30)
+
+
+class ConnectionLimitTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_past_the_limit_503_then_served_again(self):
+        fake = start_upstream(self)
+        proxy = Proxy(self, fake.registry_url, limits={"max_connections": 3})
+        port = proxy.port.getHost().port
+        site = proxy.port.factory
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        self.addCleanup(lambda: [s.close() for s in held])
+        yield eventually(lambda: site.connections == 3)
+        status, headers, body = yield raw_get(port)
+        self.assertIn(" 503 ", status)
+        self.assertEqual(json.loads(body)["errors"][0]["code"], "TOOMANYREQUESTS")
+        self.assertTrue(headers["retry-after"].isdigit())
+        held.pop().close()
+        yield eventually(lambda: site.connections == 2)
+        status, _, body = yield raw_get(port)
+        self.assertIn(" 200 ", status)
+
+    def test_default_follows_the_descriptor_limit(self):
+        self.assertEqual(default_max_connections(1024), 462)
+        self.assertEqual(default_max_connections(65536), 32718)
+        self.assertEqual(default_max_connections(64), 8)
+
+
+class DescriptorExhaustionTests(unittest.TestCase):
+    """A real ``twistd`` with ``ulimit -n 64``: running out of descriptors never crashes or wedges it."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def flood(self, process, n):
+        """Open ``n`` connections that each ask for /v2/; the answers' status codes (None: cut or refused)."""
+
+        def run():
+            sockets, codes = [], []
+            for _ in range(n):
+                try:
+                    s = socket.create_connection(("127.0.0.1", process.port), timeout=5)
+                    s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+                    sockets.append(s)
+                except OSError:
+                    codes.append(None)
+            for s in sockets:
+                try:
+                    line = s.recv(65536).split(b"\r\n", 1)[0]
+                    codes.append(int(line.split()[1]) if line else None)
+                except OSError:
+                    codes.append(None)
+            return sockets, codes
+
+        sockets, codes = yield threads.deferToThread(run)
+        return sockets, codes
+
+    def start(self, config_text):
+        fake = start_upstream(self)
+        config = os.path.abspath(self.mktemp())
+        with open(config, "w") as f:
+            f.write(config_text)
+        process = ProxyProcess(self, os.path.abspath(self.mktemp()), fake.registry_url, "--config", config, nofile=64)
+        return process
+
+    @defer.inlineCallbacks
+    def assert_serves_again(self, process, sockets):
+        self.assertIsNone(process.process.poll(), "the proxy is still running")
+        for s in sockets:
+            s.close()
+
+        @defer.inlineCallbacks
+        def serves():
+            status, _, _ = yield raw_get(process.port)
+            return " 200 " in status
+
+        yield eventually(serves, timeout=30, step=0.2)
+        with open(process.log_path, errors="replace") as f:
+            log = f.read()
+        self.assertNotIn("Traceback", log)
+
+    @defer.inlineCallbacks
+    def test_default_limit_answers_503_before_descriptors_run_out(self):
+        process = self.start("timeouts:\n  client: 30\n")
+        yield process.listening()
+        sockets, codes = yield self.flood(process, 40)
+        print(
+            f"\nulimit -n 64, default limit: {codes.count(200)} served, {codes.count(503)} got 503, "
+            f"{codes.count(None)} cut",
+            file=sys.stderr,
+        )
+        self.assertEqual(codes.count(200), 8)
+        self.assertEqual(codes.count(503), 32)
+        yield self.assert_serves_again(process, sockets)
+
+    @defer.inlineCallbacks
+    def test_emfile_on_accept(self):
+        """With the limit set above what the descriptors allow, accept() meets EMFILE: the extra connections
+        are closed, and once the others go the proxy serves again."""
+        process = self.start("limits:\n  max_connections: 1000\ntimeouts:\n  client: 30\n")
+        yield process.listening()
+        sockets, codes = yield self.flood(process, 100)
+        print(f"\nulimit -n 64, limit 1000: {codes.count(200)} served, {codes.count(None)} cut", file=sys.stderr)
+        self.assertGreater(codes.count(None), 0, "descriptors did run out")
+        self.assertGreater(codes.count(200), 0)
+        yield self.assert_serves_again(process, sockets)
 
 
 class DiskPoolTests(unittest.TestCase):
