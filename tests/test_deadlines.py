@@ -10,6 +10,7 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from dioproxy.cachedir import BLOB
+from dioproxy.config import ConfigError, build_config
 from dioproxy.site import default_max_connections
 from tests.harness import Proxy, ProxyProcess, start_upstream
 from tests.test_ops_reload import eventually
@@ -357,3 +358,25 @@ class DiskPoolTests(unittest.TestCase):
         yield eventually(lambda: proxy.mirror.storage.blob_size(digest) is not None)
         self.assertTrue(threads_seen)
         self.assertTrue(all("dioproxy-disk" in name for name in threads_seen), threads_seen)
+
+
+class ConfigTests(unittest.TestCase):
+    def test_defaults_and_values(self):
+        config = build_config()
+        self.assertEqual((config.client_timeout, config.max_connections), (60, None))
+        config = build_config({"timeouts": {"client": "2m"}, "limits": {"max_connections": 500}})
+        self.assertEqual((config.client_timeout, config.max_connections), (120, 500))
+
+    def test_bad_values_name_the_key(self):
+        for data, key in [
+            ({"timeouts": {"client": 0}}, "timeouts.client"),
+            ({"timeouts": {"client": "never"}}, "timeouts.client"),
+            ({"limits": {"max_connections": 0}}, "limits.max_connections"),
+            ({"limits": {"max_connections": "many"}}, "limits.max_connections"),
+            ({"limits": {"max_connections": True}}, "limits.max_connections"),
+            ({"limits": {"connections": 5}}, "limits.connections"),
+            ({"limits": [5]}, "limits"),
+        ]:
+            with self.assertRaises(ConfigError, msg=repr(data)) as caught:
+                build_config(data)
+            self.assertIn(key, str(caught.exception))
