@@ -12,8 +12,7 @@ from twisted.trial import unittest
 from dioproxy.cachedir import BLOB
 from dioproxy.config import ConfigError, build_config
 from dioproxy.site import default_max_connections
-from tests.harness import Proxy, ProxyProcess, start_upstream
-from tests.test_ops_reload import eventually
+from tests.harness import Proxy, ProxyProcess, eventually, start_upstream
 
 MB = 1024 * 1024
 
@@ -326,8 +325,10 @@ class DescriptorExhaustionTests(unittest.TestCase):
             f"{codes.count(None)} cut",
             file=sys.stderr,
         )
-        self.assertEqual(codes.count(200), 8)
-        self.assertEqual(codes.count(503), 32)
+        self.assertEqual(codes.count(None), 0, "every connection got an answer")
+        # 8 (the limit); 7 if the readiness probe's connection was not yet seen closed when the flood began
+        self.assertIn(codes.count(200), (7, 8))
+        self.assertEqual(codes.count(503), 40 - codes.count(200))
         yield self.assert_serves_again(process, sockets)
 
     @defer.inlineCallbacks

@@ -133,8 +133,12 @@ class LoginStormTests(unittest.TestCase):
     def test_logged_in_pull_during_a_storm_of_bad_logins(self):
         fake = start_upstream(self)
         image = fake.add_image("library/hello", "1.0", layer_sizes=[100])
+        upstream = fake.registry_url.replace("127.0.0.1", "localhost")
         proxy = Proxy(
-            self, fake.registry_url.replace("127.0.0.1", "localhost"), auth={"htpasswd": write_htpasswd(self, 12)}
+            self,
+            upstream,
+            upstreams={"docker.io": {"url": upstream, "redirect_hosts": ["127.0.0.1"]}},  # its token realm
+            auth={"htpasswd": write_htpasswd(self, 12)},
         )
         response = yield proxy.get("/token?scope=repository:library/hello:pull", headers=basic("alice", "wonderland"))
         token = (yield response.json())["token"]
