@@ -11,14 +11,16 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import bcrypt
-from twisted.internet import threads
 
 from dioproxy.errors import RegistryError
+from dioproxy.pools import BlockingPool, PoolTimeout
+from dioproxy.singleflight import SingleFlight
 
 SERVICE = "dioproxy"
 _BCRYPT_PREFIXES = (b"$2y$", b"$2a$", b"$2b$")
@@ -28,43 +30,101 @@ class HtpasswdError(ValueError):
     pass
 
 
-class Htpasswd:
-    """Users and bcrypt hashes from an ``htpasswd -B`` file; checks run in a thread, never on the reactor."""
+def read_htpasswd(path: str) -> dict[str, bytes]:
+    """Users and bcrypt hashes from an ``htpasswd -B`` file; anything else is refused (:class:`HtpasswdError`)."""
+    users: dict[str, bytes] = {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith(b"#"):
+                continue
+            user, sep, hashed = line.partition(b":")
+            if not sep or not hashed.startswith(_BCRYPT_PREFIXES):
+                raise HtpasswdError(f"{path}:{number}: only bcrypt entries (htpasswd -B) are accepted")
+            users[user.decode()] = hashed
+    if not users:
+        raise HtpasswdError(f"{path}: no users")
+    return users
 
-    #: How long a verified (user, password) pair is remembered, so Basic auth on every request stays cheap.
+
+class Htpasswd:
+    """The users of an htpasswd file; bcrypt runs in the mirror's ``auth`` pool, never on the reactor and never in
+    Twisted's default pool (its name resolver would queue behind a burst of logins)."""
+
+    #: How long a verified (user, password) pair is remembered, so a burst of pulls costs one bcrypt check.
     REMEMBER = 300.0
 
-    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
-        self.users: dict[str, bytes] = {}
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                line = raw.strip()
-                if not line or line.startswith(b"#"):
-                    continue
-                user, sep, hashed = line.partition(b":")
-                if not sep or not hashed.startswith(_BCRYPT_PREFIXES):
-                    raise HtpasswdError(f"{path}:{number}: only bcrypt entries (htpasswd -B) are accepted")
-                self.users[user.decode()] = hashed
-        if not self.users:
-            raise HtpasswdError(f"{path}: no users")
+    def __init__(self, path: str, pool: BlockingPool, clock: Callable[[], float] = time.monotonic) -> None:
+        self.users = read_htpasswd(path)
+        self.pool = pool
         # Unknown users are checked against a real user's hash (the same cost, so the same time) and then refused:
         # the answer's timing does not tell which users exist, and nothing is hashed on the reactor at start.
         self._stand_in = next(iter(self.users.values()))
         self._verified: dict[bytes, float] = {}
         self._clock = clock
 
+    @staticmethod
+    def key(user: str, password: str) -> bytes:
+        """What a credential is known by here: its hash, never the password itself."""
+        return hashlib.sha256(f"{user}\0{password}".encode()).digest()
+
+    def remembered(self, user: str, password: str) -> bool:
+        """Verified by bcrypt within the last :attr:`REMEMBER` seconds (no thread needed)."""
+        return self._verified.get(self.key(user, password), 0) > self._clock()
+
     async def check(self, user: str, password: str) -> bool:
-        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
-        if self._verified.get(key, 0) > self._clock():
+        if self.remembered(user, password):
             return True
         hashed = self.users.get(user, self._stand_in)
-        ok = await threads.deferToThread(bcrypt.checkpw, password.encode(), hashed)
+        ok = await self.pool.run(bcrypt.checkpw, password.encode(), hashed)
         if ok and user in self.users:
             if len(self._verified) > 10_000:
                 self._verified.clear()
-            self._verified[key] = self._clock() + self.REMEMBER
+            self._verified[self.key(user, password)] = self._clock() + self.REMEMBER
             return True
         return False
+
+
+class LoginThrottle:
+    """Failed logins per client: past ``limit`` in ``window`` seconds the client is refused at once, with no bcrypt.
+
+    A check in progress counts as a failure until it succeeds, so a burst of concurrent wrong passwords costs at
+    most ``limit`` bcrypt checks, not one each.
+    """
+
+    #: Clients tracked at most; past it, expired windows are dropped (and if none, all: memory stays bounded).
+    MAX_CLIENTS = 100_000
+
+    def __init__(self, limit: int = 10, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._failures: dict[str, tuple[int, float]] = {}  # client -> (failures, end of its window)
+
+    def retry_after(self, client: str) -> float:
+        """Seconds the client must wait before its next login is checked; 0: check it now."""
+        entry = self._failures.get(client)
+        if entry is None:
+            return 0.0
+        now = self._clock()
+        if entry[1] <= now:
+            del self._failures[client]
+            return 0.0
+        return entry[1] - now if entry[0] >= self.limit else 0.0
+
+    def attempt(self, client: str) -> None:
+        if client not in self._failures and len(self._failures) >= self.MAX_CLIENTS:
+            now = self._clock()
+            self._failures = {c: e for c, e in self._failures.items() if e[1] > now}
+            if len(self._failures) >= self.MAX_CLIENTS:
+                self._failures.clear()
+        count, until = self._failures.get(client, (0, self._clock() + self.window))
+        self._failures[client] = (count + 1, until)
+
+    def succeeded(self, client: str) -> None:
+        entry = self._failures.get(client)
+        if entry is not None:
+            self._failures[client] = (entry[0] - 1, entry[1])
 
 
 @dataclass(frozen=True)
@@ -138,29 +198,57 @@ def scope_repositories(scopes: list[str]) -> list[str]:
 class Gate:
     """Decides who a request comes from; raises the 401 that starts a client's login dance."""
 
-    def __init__(self, htpasswd: Htpasswd, tokens: Tokens) -> None:
+    def __init__(self, htpasswd: Htpasswd, tokens: Tokens, throttle: LoginThrottle | None = None) -> None:
         self.htpasswd = htpasswd
         self.tokens = tokens
+        self.throttle = throttle or LoginThrottle()
+        self._checks = SingleFlight()  # concurrent requests with the same credentials wait for one bcrypt check
 
-    async def grant(self, authorization: str | None, realm: str, name: str | None) -> Grant:
+    async def grant(self, authorization: str | None, realm: str, name: str | None, client: str) -> Grant:
         if authorization and authorization[:7].lower() == "bearer ":
             grant = self.tokens.verify(authorization[7:].strip())
             if grant is not None and (name is None or grant.allows(name)):
                 return grant
             raise self.challenge(realm, name, "insufficient_scope" if grant else "invalid_token")
         credentials = basic_credentials(authorization)
-        if credentials and await self.htpasswd.check(*credentials):
+        if credentials and await self._check(credentials, client):
             return Grant(credentials[0], None)
         raise self.challenge(realm, name, "invalid_credentials" if credentials else None)
 
-    async def login(self, authorization: str | None) -> str:
+    async def login(self, authorization: str | None, client: str) -> str:
         """The user behind ``/token``'s Basic credentials; 401 otherwise."""
         credentials = basic_credentials(authorization)
-        if credentials and await self.htpasswd.check(*credentials):
+        if credentials and await self._check(credentials, client):
             return credentials[0]
         raise RegistryError(
             401, "UNAUTHORIZED", "authentication required", headers={"WWW-Authenticate": f'Basic realm="{SERVICE}"'}
         )
+
+    async def _check(self, credentials: tuple[str, str], client: str) -> bool:
+        """bcrypt, unless remembered; 429 for a client past its failed logins (remembered ones still pass)."""
+        if self.htpasswd.remembered(*credentials):
+            return True
+        wait = self.throttle.retry_after(client)
+        if wait:
+            raise RegistryError(
+                429,
+                "TOOMANYREQUESTS",
+                "too many failed logins from this client",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        return await self._checks.run(Htpasswd.key(*credentials), lambda: self._verify(credentials, client))
+
+    async def _verify(self, credentials: tuple[str, str], client: str) -> bool:
+        self.throttle.attempt(client)
+        try:
+            ok = await self.htpasswd.check(*credentials)
+        except PoolTimeout:
+            raise RegistryError(
+                503, "UNAVAILABLE", "logins are being checked too slowly; try again", headers={"Retry-After": "5"}
+            ) from None
+        if ok:
+            self.throttle.succeeded(client)
+        return ok
 
     def challenge(self, realm: str, name: str | None, error: str | None) -> RegistryError:
         header = f'Bearer realm="{realm}",service="{SERVICE}"'

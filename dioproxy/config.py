@@ -103,6 +103,8 @@ class Config:
     read_timeout: float = 60.0
     offline_timeout: float = 30.0  # after an upstream failure, its registry is offline this long (dioproxy.health)
     negative_ttl: float = 30.0  # a tag the upstream answered 404 for is answered 404 from memory this long
+    client_timeout: float = 60.0  # a client that reads nothing (or sends nothing while idle) this long is dropped
+    max_connections: int | None = None  # client connections at once; None: sized to the fd limit (see site.py)
     security: Security = field(default_factory=Security)
     prefetch: tuple[PrefetchImage, ...] = ()
 
@@ -175,6 +177,7 @@ _TOP_KEYS = {
     "cache",
     "default_registry",
     "timeouts",
+    "limits",
     "auth",
     "access",
     "rate_limit",
@@ -183,7 +186,8 @@ _TOP_KEYS = {
 }
 _CACHE_KEYS = {"dir", "tag_ttl", "enabled", "max_size", "max_age", "accel_redirect", "negative_ttl"}
 _UPSTREAM_KEYS = {"url", "username", "password", "redirect_hosts"}
-_TIMEOUT_KEYS = {"connect", "read", "offline"}
+_TIMEOUT_KEYS = {"connect", "read", "offline", "client"}
+_LIMIT_KEYS = {"max_connections"}
 _AUTH_KEYS = {"htpasswd", "token_ttl", "secret", "metrics_allow"}
 _RATE_KEYS = {"rate", "burst", "trusted_proxies"}
 _TLS_KEYS = {"cert", "key"}
@@ -257,6 +261,16 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
     max_size, max_age = cache.get("max_size"), cache.get("max_age")
     timeouts = _mapping(data.get("timeouts"), "timeouts")
     _unknown(timeouts, _TIMEOUT_KEYS, "timeouts.")
+    client_timeout = parse_duration(timeouts.get("client", 60), "timeouts.client")
+    if client_timeout <= 0:
+        raise ConfigError("timeouts.client: must be more than 0")
+    limits = _mapping(data.get("limits"), "limits")
+    _unknown(limits, _LIMIT_KEYS, "limits.")
+    max_connections = limits.get("max_connections")
+    if max_connections is not None and (
+        isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1
+    ):
+        raise ConfigError(f"limits.max_connections: expected a whole number >= 1, got {max_connections!r}")
 
     security = _security(data, upstreams)
 
@@ -276,6 +290,8 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
         offline_timeout=parse_duration(timeouts.get("offline", 30), "timeouts.offline"),
         negative_ttl=parse_duration(cache.get("negative_ttl", 30), "cache.negative_ttl"),
         prefetch=_prefetch(data.get("prefetch"), upstreams),
+        client_timeout=client_timeout,
+        max_connections=max_connections,
     )
 
 

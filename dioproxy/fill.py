@@ -15,12 +15,13 @@ import os
 from collections.abc import Awaitable
 from typing import Any, Callable
 
-from twisted.internet import defer, protocol, threads
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client as webclient
 
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
+from dioproxy.pools import BlockingPool
 from dioproxy.routing import Target
 from dioproxy.storage import DiskStorage
 from dioproxy.upstream import UpstreamClient, abandon, header
@@ -110,29 +111,15 @@ class Fill:
 
 
 class _BodyWriter(protocol.Protocol):
-    """Appends an upstream body to the fill's file, hashing as it goes; resets a stall timer on each chunk."""
+    """Appends an upstream body to the fill's file, hashing as it goes (a stalled body is dropped by the upstream
+    client's :class:`~dioproxy.upstream.IdleDeadline`, and then resumed)."""
 
     def __init__(self, runner: _FillRunner, skip: int) -> None:
         self.runner = runner
         self.skip = skip  # bytes to drop: a 200 answer to a Range request restarts from zero
         self.lost: defer.Deferred = defer.Deferred()
-        self._timer = None
-
-    def connectionMade(self) -> None:
-        self._arm()
-
-    def _arm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.runner.read_timeout)
-        else:
-            self._timer = self.runner.reactor.callLater(self.runner.read_timeout, self._stalled)
-
-    def _stalled(self) -> None:
-        log.warn("upstream stalled on {digest}; dropping the connection", digest=self.runner.fill.digest)
-        self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
-        self._arm()
         if self.skip:
             cut = min(self.skip, len(data))
             self.skip -= cut
@@ -146,8 +133,6 @@ class _BodyWriter(protocol.Protocol):
             self.transport.stopProducing()
 
     def connectionLost(self, reason: Failure = None) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
         self.reason = reason
         self.lost.callback(None)
 
@@ -161,8 +146,7 @@ class _FillRunner:
         self.client = client
         self.name = fill.target.name
         self.storage = manager.storage
-        self.reactor = manager.reactor
-        self.read_timeout = manager.read_timeout
+        self.disk = manager.disk
         self.make_room = manager.make_room
         self.verified = manager.verified
         self.sha = hashlib.sha256()
@@ -213,7 +197,7 @@ class _FillRunner:
         got = "sha256:" + self.sha.hexdigest()
         if got != fill.digest:
             raise FillFailed(f"upstream sent bytes with digest {got}, not {fill.digest}")
-        await threads.deferToThread(os.fsync, self.fd)
+        await self.disk.run(os.fsync, self.fd)
         if self.verified is not None:
             await self.verified(fill.target, fill.digest)  # before the blob appears: no process may find it unrecorded
         self.storage.commit_blob(fill.path, fill.digest)
@@ -258,13 +242,14 @@ class FillManager:
         self,
         storage: DiskStorage,
         reactor: Any,
-        read_timeout: float = 60.0,
+        disk: BlockingPool,
         on_done: Callable[[Fill, float], None] | None = None,
         make_room: Callable[[int], defer.Deferred] | None = None,
     ) -> None:
         self.storage = storage
         self.reactor = reactor
-        self.read_timeout = read_timeout
+        #: The thread pool the fsync before a commit runs in.
+        self.disk = disk
         self.on_done = on_done
         #: Frees at least that many bytes of the cache disk (the size bound's least recently used entries).
         self.make_room = make_room

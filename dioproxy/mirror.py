@@ -50,7 +50,7 @@ class Mirror:
         self.health.track(config.upstreams)
         self.clients = {name: self.make_client(upstream) for name, upstream in config.upstreams.items()}
         self.fills = (
-            FillManager(self.storage, reactor, config.read_timeout, self.metrics.fill_done, self.make_room)
+            FillManager(self.storage, reactor, self.pools.disk, self.metrics.fill_done, self.make_room)
             if self.storage
             else None
         )
@@ -98,7 +98,7 @@ class Mirror:
         reactor = self.reactor
         security = config.security
         self.gate = (
-            Gate(Htpasswd(security.htpasswd), Tokens(self.token_secret(config), security.token_ttl))
+            Gate(Htpasswd(security.htpasswd, self.pools.auth), Tokens(self.token_secret(config), security.token_ttl))
             if (security.htpasswd)
             else None
         )

@@ -72,8 +72,6 @@ def apply_config(mirror: Any, new: Config) -> list[str]:
     mirror.config = new
     mirror.clients = clients
     mirror.manifests.tag_ttl = new.tag_ttl
-    if mirror.fills is not None:
-        mirror.fills.read_timeout = new.read_timeout
     if mirror.cache is not None:
         mirror.cache.configure(new.cache_max_size, new.cache_max_age)
     for hook in list(mirror.reloaders):

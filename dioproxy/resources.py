@@ -132,7 +132,8 @@ class Endpoint(resource.Resource):
         if gate is not None and self.guarded:
             ns = arg(request, "ns")  # the token must be for the registry this request is routed to
             realm = base_url(request) + "/token" + ("?" + urlencode({"ns": ns}) if ns else "")
-            grant = await gate.grant(request_header(request, "Authorization"), realm, self.name or None)
+            client = client_address(request, self.mirror.addresses)
+            grant = await gate.grant(request_header(request, "Authorization"), realm, self.name or None, client)
             if self.name and grant.registry is not None and grant.registry != self.target(request).registry:
                 raise gate.challenge(realm, self.name, "insufficient_scope")
         await self.handle(request, head)
@@ -514,7 +515,8 @@ class Token(Endpoint):
         request.dioproxy_outcome = "pass"
         gate = self.mirror.gate
         if gate is not None:
-            user = await gate.login(request_header(request, "Authorization"))
+            client = client_address(request, self.mirror.addresses)
+            user = await gate.login(request_header(request, "Authorization"), client)
             targets = {name: target for name in names if (target := self._route(request, name))}
             registry = next(iter(targets.values())).registry if targets else ""
             allowed = [name for name, target in targets.items() if target.registry == registry]

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from dioproxy import __version__
-from dioproxy.auth import Htpasswd, HtpasswdError
+from dioproxy.auth import HtpasswdError, read_htpasswd
 from dioproxy.config import Config, ConfigError, load_config
 from dioproxy.mirror import Mirror
 from dioproxy.reload import ConfigReloader
@@ -59,7 +59,7 @@ class Options(usage.Options):
                 raise ConfigError("--tls-cert and --tls-key go together")
             self.config = replace(config, security=replace(security, **overrides))
             if self.config.security.htpasswd:
-                Htpasswd(self.config.security.htpasswd)
+                read_htpasswd(self.config.security.htpasswd)
             self.tls = tls_options(self.config) if overrides["tls_cert"] else None
         except (ConfigError, HtpasswdError) as e:
             raise usage.UsageError(str(e)) from None

@@ -1,7 +1,9 @@
-"""The HTTP site: our request type (start time, cache outcome, registry) and one access-log line per request."""
+"""The HTTP site: our request type (start time, cache outcome, registry), one access-log line per request, and
+the client connection count that ``limits.max_connections`` bounds."""
 
 from __future__ import annotations
 
+import resource
 import time
 from typing import Any
 
@@ -38,10 +40,53 @@ class MirrorRequest(server.Request):
             site.log(self, aborted=True)
 
 
+#: Descriptors kept out of the connection budget: upstream connections, the cache index, logs, thread pools.
+FD_RESERVE = 100
+#: Used when the descriptor limit is unlimited.
+UNLIMITED_CONNECTIONS = 100_000
+
+
+def default_max_connections(nofile: int | None = None) -> int:
+    """Half of what the soft ``RLIMIT_NOFILE`` leaves after :data:`FD_RESERVE`: a client may hold its socket and a
+    cache file at once. At least 8, so a tiny limit still serves."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nofile == resource.RLIM_INFINITY:
+        return UNLIMITED_CONNECTIONS
+    return max(8, (nofile - FD_RESERVE) // 2)
+
+
 class MirrorSite(server.Site):
     requestFactory = MirrorRequest
     protocol = MirrorChannel
     noisy = False  # no "Starting factory" lines: the service says what it serves
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections = 0  # client connections open now
+        self._fd_default = default_max_connections()
+
+    @property
+    def client_timeout(self) -> float:
+        """``timeouts.client``, read at each use so a reload applies to the next wait."""
+        return self.resource.mirror.config.client_timeout
+
+    @property
+    def max_connections(self) -> int:
+        return self.resource.mirror.config.max_connections or self._fd_default
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.timeOut = self.client_timeout  # idle between requests (Twisted pauses it while one is served)
+        return channel
+
+    def connection_opened(self) -> bool:
+        """Count a new connection; False when it is over ``limits.max_connections`` (it gets a 503)."""
+        self.connections += 1
+        return self.connections <= self.max_connections
+
+    def connection_closed(self) -> None:
+        self.connections -= 1
 
     def log(self, request: MirrorRequest, aborted: bool = False) -> None:
         if request.dioproxy_logged:

@@ -176,8 +176,11 @@ class SendfileStreamer(FileStreamer):
         self._when_writable()
 
     def _when_writable(self) -> None:
+        """Pause as the transport pauses its producer when its buffer is full: it resumes the channel once the
+        socket is writable, and the channel's client deadline runs meanwhile."""
         self.transport.producerPaused = True
         self.transport.startWriting()
+        self.request.channel.pauseProducing()
 
 
 def stream_file(request: Request, source: str | int, start: int, end: int | None, fill: Fill | None) -> None:

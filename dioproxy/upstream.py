@@ -17,11 +17,14 @@ from typing import Any, Callable
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from treq.client import HTTPClient
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, interfaces, protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.components import proxyForInterface
+from twisted.python.failure import Failure
 from twisted.web import client as webclient
 from twisted.web.iweb import IResponse
+from zope.interface import implementer
 
 from dioproxy.config import Config, Upstream
 from dioproxy.egress import InternalAddress
@@ -84,6 +87,99 @@ def _cancelled(e: Exception) -> bool:
     if isinstance(e, webclient.ResponseNeverReceived):
         return any(reason.check(defer.CancelledError) for reason in e.reasons)
     return isinstance(e, (defer.CancelledError, error.ConnectingCancelledError))
+
+
+class IdleDeadline(protocol.Protocol):
+    """Hands an upstream body to ``inner`` and drops the connection when no chunk came for ``timeout`` seconds.
+
+    Every body read from an :class:`UpstreamClient` response goes through one (manifests, tags, referrers, tokens,
+    blob fills, the pass-through pipe), so a stalled upstream fails its readers instead of holding them forever.
+    The clock stops while the body's consumer has paused it (a slow client of the pass-through pipe): that wait is
+    the client's deadline, not the upstream's. The inner protocol then sees a failure of :class:`UpstreamError`.
+    """
+
+    def __init__(self, inner: protocol.Protocol, reactor: Any, timeout: float, registry: str, url: str) -> None:
+        self.inner = inner
+        self.reactor = reactor
+        self.timeout = timeout
+        self.registry = registry
+        self.url = url
+        self.paused = False
+        self.stalled = False
+        self.ended = False
+        self._timer: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.arm()
+        self.inner.makeConnection(_PauseAware(transport, self))
+
+    def arm(self) -> None:
+        if self.ended or self.paused:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.timeout)
+        else:
+            self._timer = self.reactor.callLater(self.timeout, self._stall)
+
+    def disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _stall(self) -> None:
+        log.warn("upstream {url}: no body bytes for {s:g} s; dropping the connection", url=self.url, s=self.timeout)
+        self.stalled = True
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.arm()
+        self.inner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.ended = True
+        self.disarm()
+        if self.stalled:
+            reason = Failure(UpstreamError(self.registry, f"body stalled for {self.timeout:g} s"))
+        self.inner.connectionLost(reason)
+
+
+@implementer(interfaces.IPushProducer)
+class _PauseAware:
+    """The body's transport as its reader sees it: pausing it stops the idle clock, resuming restarts it."""
+
+    def __init__(self, transport: Any, deadline: IdleDeadline) -> None:
+        self._transport = transport
+        self._deadline = deadline
+
+    def pauseProducing(self) -> None:
+        self._deadline.paused = True
+        self._deadline.disarm()
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._deadline.paused = False
+        self._deadline.arm()
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._transport.stopProducing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _TimedResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
+    """An upstream response whose body, whoever reads it, is read under an :class:`IdleDeadline`."""
+
+    def __init__(self, original: IResponse, client: UpstreamClient, url: str) -> None:
+        super().__init__(original)
+        self._client = client
+        self._url = url
+
+    def deliverBody(self, inner: protocol.Protocol) -> None:
+        client = self._client
+        self.original.deliverBody(IdleDeadline(inner, client.reactor, client.timeout, client.registry, self._url))
 
 
 class _Discard(protocol.Protocol):
@@ -428,6 +524,7 @@ class UpstreamClient:
             except InternalAddress as e:
                 log.warn("upstream {registry}: not following it to {url}: {e}", registry=self.registry, url=url, e=e)
                 raise UpstreamError(self.registry, f"redirect refused: {e}", 502) from None
+            response = _TimedResponse(response, self, url.split("?")[0])
             if self.on_response:
                 self.on_response(self.registry, method, response.code, response)
             location = header(response, "Location")

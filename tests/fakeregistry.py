@@ -184,6 +184,13 @@ class _FailRule:
 
 
 @dataclass
+class _StallRule:
+    path_contains: str
+    after_bytes: int
+    role: str | None
+
+
+@dataclass
 class _BlobFault:
     kind: str  # corrupt | cut | short | stall | extra
     amount: int
@@ -538,6 +545,7 @@ class FakeRegistry:
         self.redirect_to: str | None = None
         self._redirects: list[tuple[str, str, int]] = []
         self._fail_rules: list[_FailRule] = []
+        self._stall_rules: list[_StallRule] = []
         self._blob_faults: dict[str, list[_BlobFault]] = {}
         gates, self._gates = self._gates, {}
         for waiters in gates.values():
@@ -584,6 +592,12 @@ class FakeRegistry:
     def stall_blob(self, digest: str, after_bytes: int, times: int | None = None) -> None:
         """After ``after_bytes`` body bytes send nothing more, keeping the connection open (read timeouts)."""
         self._add_blob_fault(digest, "stall", after_bytes, times)
+
+    def stall_body(self, path_contains: str, after_bytes: int, role: str | None = None) -> None:
+        """Answers other than blob bodies (manifests, tags, referrers, tokens) whose path contains
+        ``path_contains``: headers with the full Content-Length, ``after_bytes`` of the body, then nothing more,
+        the connection left open (upstream read timeouts). Until reset_faults()."""
+        self._stall_rules.append(_StallRule(path_contains, after_bytes, role))
 
     def slow(self, bytes_per_second: int | None) -> None:
         """Pace every blob body (CDN or direct) at about this rate; None switches it off."""
@@ -679,6 +693,11 @@ class FakeRegistry:
     ) -> None:
         all_headers = {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}
         self._begin(request, status, all_headers)
+        record = request.dio_record  # type: ignore[attr-defined]
+        for rule in self._stall_rules:
+            if rule.path_contains in record.path and rule.role in (None, record.role) and request.method != b"HEAD":
+                request.write(body[: rule.after_bytes])
+                return
         request.write(body)
         request.finish()
 

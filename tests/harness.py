@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -92,10 +93,13 @@ def start_upstream(testcase: Any, **kwargs: Any) -> FakeRegistry:
 class ProxyProcess:
     """A real ``twistd dioproxy`` child process on a free loopback port, for tests that kill or soak it.
 
-    Its log goes to ``log_path``, so no pipe can fill up and stall it.
+    Its log goes to ``log_path``, so no pipe can fill up and stall it. ``nofile``: its descriptor limit
+    (``ulimit -n``).
     """
 
-    def __init__(self, testcase: Any, cache_dir: str, upstream_url: str, *extra: str) -> None:
+    def __init__(
+        self, testcase: Any, cache_dir: str, upstream_url: str, *extra: str, nofile: int | None = None
+    ) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -103,7 +107,13 @@ class ProxyProcess:
         argv = [sys.executable, "-m", "twisted", "--log-format", "text", "dioproxy", "--port", str(self.port)]
         argv += ["--interface", "127.0.0.1", "--cache-dir", cache_dir, "--upstream", f"docker.io={upstream_url}"]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([*argv, *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [*argv, *extra],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None,
+            )
         testcase.addCleanup(self.kill)
 
     @property

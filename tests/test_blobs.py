@@ -148,7 +148,7 @@ class BlobTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_stalled_upstream_is_dropped_and_resumed(self):
-        self.proxy.mirror.fills.read_timeout = 0.3
+        self.proxy.mirror.clients["docker.io"].timeout = 0.3
         self.fake.stall_blob(self.digest, after_bytes=MB, times=1)
         _response, body = yield self.fetch()
         self.assertEqual(body, self.data)
