@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 
 from dioproxy.cachedir import KINDS, load_lastuse, scan
@@ -99,12 +100,27 @@ class CacheIndex:
         self.path = path
         self.busy_timeout = busy_timeout
         try:
-            self._db = self._open()
+            self._db = self._open_shared()
         except sqlite3.OperationalError:  # locked, unwritable: never a reason to drop what others share
             raise
         except sqlite3.DatabaseError:  # not a database, or damaged: derived data, so start afresh
             _remove(path)
             self._db = self._open()
+
+    def _open_shared(self) -> sqlite3.Connection:
+        """Open, retrying while another process holds the lock: switching to WAL (and WAL recovery) can answer
+        "database is locked" at once, without SQLite's busy handler waiting. We run in the index thread, so the
+        pauses block no reactor."""
+        deadline = time.monotonic() + self.busy_timeout
+        pause = 0.01
+        while True:
+            try:
+                return self._open()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
