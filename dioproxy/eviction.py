@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import time
 from typing import Any, Callable
 
@@ -26,6 +27,7 @@ from twisted.logger import Logger
 
 from dioproxy.cachedir import BLOB, KINDS, LASTUSE_FILE, MANIFEST, entry_path, listing, load_lastuse, slices
 from dioproxy.index import CacheIndex, index_path
+from dioproxy.pools import PoolTimeout
 from dioproxy.storage import DiskStorage
 
 log = Logger()
@@ -33,6 +35,11 @@ log = Logger()
 Key = tuple[str, str]  # (kind, digest)
 #: Victims taken per turn: the hooks and metrics run on the reactor, so a big expiry goes in slices.
 SLICE = 500
+#: Seconds before opening the index or a scan that failed for a passing reason runs again.
+SCAN_RETRY = 10.0
+#: Passing reasons: a flood of connections at start can take every descriptor (EMFILE, which SQLite reports as
+#: "unable to open database file"), a busy disk can time the pool out.
+PASSING = (OSError, PoolTimeout, sqlite3.OperationalError)
 
 
 class IndexedStorage(DiskStorage):
@@ -94,6 +101,7 @@ class CacheBound:
         self._checking = False
         self._check_again = False
         self._check_call: Any = None
+        self._retry_call: Any = None
         self._loops: list[task.LoopingCall] = []
         self._ready_waiters: list[defer.Deferred] = []
         self._scan: defer.Deferred | None = None
@@ -112,7 +120,7 @@ class CacheBound:
         self._stopped = False
         d = self.pools.index.run(CacheIndex, index_path(self.storage.root))
         d.addCallback(self._opened)
-        d.addErrback(lambda f: log.failure("cannot open the cache index", f))
+        d.addErrback(self._failed, "cannot open the cache index", self.start)
         return self._track(d)
 
     def _opened(self, index: CacheIndex) -> defer.Deferred | None:
@@ -139,8 +147,9 @@ class CacheBound:
             if loop.running:
                 loop.stop()
         self._loops = []
-        if self._check_call is not None and self._check_call.active():
-            self._check_call.cancel()
+        for call in (self._check_call, self._retry_call):
+            if call is not None and call.active():
+                call.cancel()
         quiet: defer.Deferred = defer.Deferred()
         if self._working:
             self._quiet.append(quiet)
@@ -221,9 +230,19 @@ class CacheBound:
         if self._scan is not None or self.index is None:
             return defer.succeed(None)
         d = self._scan = defer.ensureDeferred(self._reconcile(self.index))
-        d.addErrback(lambda f: log.failure("cache index scan failed", f))
+        d.addErrback(self._failed, "cache index scan failed", self.rescan)
         d.addBoth(self._scan_done)
         return self._track(d)
+
+    def _failed(self, failure: Any, what: str, again: Callable[[], Any]) -> None:
+        """Try ``again`` later after a passing failure instead of leaving the index unready until the next rescan
+        (an hour); anything else is a bug and is logged as one."""
+        if not failure.check(*PASSING):
+            log.failure(what, failure)
+            return
+        log.warn("{what} ({e}); trying again in {s} s", what=what, e=failure.getErrorMessage(), s=SCAN_RETRY)
+        if not self._stopped:
+            self._retry_call = self.reactor.callLater(SCAN_RETRY, again)
 
     def _scan_done(self, result: Any) -> Any:
         self._scan = None

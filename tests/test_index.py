@@ -253,3 +253,57 @@ class TakeOverTests(unittest.TestCase):
         index.add((BLOB, digest_of(2)), 1, 300.0)  # stored after the listing was taken: stays
         self.assertEqual(index.reconcile(BLOB, "sha256:00", [(digest_of(3), 1, 50.0)], 200.0, {}, set()), (1, 1))
         self.assertEqual([k[1] for k, _ in index.oldest()], [digest_of(3), digest_of(2)])
+
+
+class ScanRetryTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_scan_out_of_descriptors_is_tried_again(self):
+        """EMFILE while listing (a connection flood at start) is a passing state: no traceback, the scan runs
+        again and the index becomes ready."""
+        from dioproxy import eviction
+
+        root = os.path.abspath(self.mktemp())
+        proc = Process(self, root, max_size=10**9)
+        proc.put_blob(1, 10)
+        self.patch(eviction, "SCAN_RETRY", 0.05)
+        real, failures = eviction.listing, []
+
+        def listing(*args):
+            if not failures:
+                failures.append(1)
+                raise OSError(24, "Too many open files")
+            return real(*args)
+
+        self.patch(eviction, "listing", listing)
+        yield proc.bound.start()
+        self.assertFalse(proc.bound.ready)
+        yield proc.bound.when_ready()
+        self.assertEqual((proc.bound.size, failures), (10, [1]))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
+    def test_an_index_that_cannot_be_opened_is_tried_again(self):
+        """SQLite answers "unable to open database file" when the process is out of descriptors: opening runs
+        again later and the index becomes ready."""
+        import sqlite3
+
+        from dioproxy import eviction
+
+        root = os.path.abspath(self.mktemp())
+        proc = Process(self, root, max_size=10**9)
+        proc.put_blob(1, 10)
+        self.patch(eviction, "SCAN_RETRY", 0.05)
+        failures = []
+
+        class Opening(eviction.CacheIndex):
+            def __init__(self, *args):
+                if not failures:
+                    failures.append(1)
+                    raise sqlite3.OperationalError("unable to open database file")
+                super().__init__(*args)
+
+        self.patch(eviction, "CacheIndex", Opening)
+        yield proc.bound.start()
+        yield proc.bound.when_ready()
+        self.assertEqual((proc.bound.size, failures), (10, [1]))
+        self.assertEqual(self.flushLoggedErrors(), [])
