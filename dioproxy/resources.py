@@ -366,25 +366,73 @@ def _finish_quietly(request: server.Request, source: str | int) -> None:
 
 
 class Tags(Endpoint):
-    """``tags/list`` passes through; the ``Link`` to the next page is rewritten to point at us."""
+    """``tags/list`` from the upstream, its ``Link`` to the next page pointed at us; paged by us when the upstream
+    ignores ``n``/``last`` (the CNCF registry 2.8 does); from the tags the cache knows when the upstream is down."""
 
     async def handle(self, request: server.Request, head: bool) -> None:
         target = self.target(request)
-        query = {k: v for k in ("n", "last") if (v := arg(request, k)) is not None}
+        n, last = page_args(request)
+        query = {k: v for k, v in (("n", n), ("last", last)) if v is not None}
         path = f"/v2/{target.name}/tags/list" + ("?" + urlencode(query) if query else "")
         request.dioproxy_outcome = "pass"
-        response = await self.mirror.client(target).request("GET", path, target.name)
-        if response.code in (401, 403, 404):
-            await discard(response)
-            raise RegistryError(404, "NAME_UNKNOWN", "repository name not known to registry", {"name": self.name})
-        if response.code != 200:
-            await discard(response)
-            raise UpstreamError(target.registry, f"HTTP {response.code} for tags of {target.name}", response.code)
-        body = await read_limited(response, MAX_LISTING)
+        try:
+            response = await self.mirror.client(target).request("GET", path, target.name)
+            if response.code in (401, 403, 404):
+                await discard(response)
+                raise RegistryError(404, "NAME_UNKNOWN", "repository name not known to registry", {"name": self.name})
+            if response.code != 200:
+                await discard(response)
+                raise UpstreamError(target.registry, f"HTTP {response.code} for tags of {target.name}", response.code)
+            body = await read_limited(response, MAX_LISTING)
+        except UpstreamError:
+            if target.upstream.credentials is not None or self.mirror.storage is None:  # private names: fail closed
+                raise
+            tags = await self.mirror.pools.disk.run(self.mirror.storage.list_tags, target.registry, target.name)
+            if not tags:
+                raise
+            request.dioproxy_outcome = "stale"
+            request.setHeader("Warning", '110 - "Response is Stale"')
+            self.page(request, tags, n, last, head)
+            return
         link = header(response, "Link")
         if link:
             request.setHeader("Link", next_link(request, link, f"/v2/{self.name}/tags/list"))
+        elif query:
+            tags = _tags_of(body)
+            if tags is not None:
+                self.page(request, sorted(tags), n, last, head)
+                return
         self.finish(request, body, "application/json", head)
+
+    def page(self, request: server.Request, tags: list[str], n: int | None, last: str | None, head: bool) -> None:
+        """One page of sorted ``tags`` as the spec says: after ``last``, at most ``n``, a ``Link`` if more follow."""
+        if last is not None:
+            tags = [t for t in tags if t > last]
+        if n is not None and len(tags) > n:
+            tags = tags[:n]
+            if tags:
+                query = urlencode({"n": n, "last": tags[-1], **({"ns": ns} if (ns := arg(request, "ns")) else {})})
+                request.setHeader("Link", f'<{base_url(request)}/v2/{self.name}/tags/list?{query}>; rel="next"')
+        body = json.dumps({"name": self.name, "tags": tags}).encode()
+        self.finish(request, body, "application/json", head)
+
+
+def page_args(request: server.Request) -> tuple[int | None, str | None]:
+    """``n`` and ``last`` of a listing; a malformed ``n`` is the client's mistake (400, not the upstream's)."""
+    n = arg(request, "n")
+    if n is not None and not (n.isdigit() and len(n) <= 9):
+        raise RegistryError(400, "PAGINATION_NUMBER_INVALID", "invalid number of results requested", {"n": n})
+    return (int(n) if n is not None else None), arg(request, "last")
+
+
+def _tags_of(body: bytes) -> list[str] | None:
+    try:
+        tags = json.loads(body).get("tags")
+    except (ValueError, AttributeError):
+        return None
+    if tags is None:
+        return []
+    return tags if isinstance(tags, list) and all(isinstance(t, str) for t in tags) else None
 
 
 def next_link(request: server.Request, link: str, path: str) -> str:

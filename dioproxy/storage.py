@@ -192,6 +192,19 @@ class DiskStorage:
     def write_tag(self, registry: str, name: str, tag: str, entry: TagEntry) -> None:
         self.write_small(self.tag_path(registry, name, tag), json.dumps(asdict(entry)).encode())
 
+    def list_tags(self, registry: str, name: str) -> list[str]:
+        """The tags we hold an entry for (blocking: call in the disk pool); entries still being written count."""
+        directory = os.path.dirname(self.tag_path(registry, name, "x"))
+        try:
+            tags = set(os.listdir(directory))
+        except FileNotFoundError:
+            tags = set()
+        for pending in (self._queued, self._writing):
+            for path, data in list(pending.items()):
+                if os.path.dirname(path) == directory:
+                    (tags.add if data is not None else tags.discard)(os.path.basename(path))
+        return sorted(tags)
+
     def delete_tag(self, registry: str, name: str, tag: str) -> None:
         self.delete_small(self.tag_path(registry, name, tag))
 

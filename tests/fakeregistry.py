@@ -270,6 +270,7 @@ class FakeRegistry:
         self.token_ttl = 300
         self.cdn_url_ttl = 600
         self.cdn_reject_authorization = True  # like S3/CloudFront: a signed URL plus Authorization is a 400
+        self.ignore_paging = False  # True: tags/list ignores n and last (the CNCF registry 2.8 does)
         self.referrers_api = False  # False: 404 on /referrers/ (distribution 2.x); clients use the fallback tag
         self.referrers_page: int | None = None  # answer at most this many referrers, with a Link to the rest
         self.strict_repos = False  # True: a blob is served only through a repository whose manifests name it
@@ -875,7 +876,7 @@ class FakeRegistry:
         if repo is None:
             self._error(request, 404, "NAME_UNKNOWN", "repository name not known to registry", {"name": name})
             return
-        query = request.dio_record.query  # type: ignore[attr-defined]
+        query = {} if self.ignore_paging else request.dio_record.query  # type: ignore[attr-defined]
         tags = sorted(repo.tags)
         if "last" in query:
             tags = [t for t in tags if t > query["last"]]
