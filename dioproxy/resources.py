@@ -387,7 +387,7 @@ class Tags(Endpoint):
         except UpstreamError:
             if target.upstream.credentials is not None or self.mirror.storage is None:  # private names: fail closed
                 raise
-            tags = await self.mirror.pools.disk.run(self.mirror.storage.list_tags, target.registry, target.name)
+            tags = await self.mirror.storage.list_tags(target.registry, target.name)
             if not tags:
                 raise
             request.dioproxy_outcome = "stale"

@@ -192,18 +192,20 @@ class DiskStorage:
     def write_tag(self, registry: str, name: str, tag: str, entry: TagEntry) -> None:
         self.write_small(self.tag_path(registry, name, tag), json.dumps(asdict(entry)).encode())
 
-    def list_tags(self, registry: str, name: str) -> list[str]:
-        """The tags we hold an entry for (blocking: call in the disk pool); entries still being written count."""
+    def list_tags(self, registry: str, name: str) -> defer.Deferred:
+        """Fires with the sorted tags we hold an entry for, entries still being written included: the directory is
+        listed in the disk pool, the pending writes are merged here, on the reactor, where they change."""
         directory = os.path.dirname(self.tag_path(registry, name, "x"))
-        try:
-            tags = set(os.listdir(directory))
-        except FileNotFoundError:
-            tags = set()
-        for pending in (self._queued, self._writing):
-            for path, data in list(pending.items()):
-                if os.path.dirname(path) == directory:
-                    (tags.add if data is not None else tags.discard)(os.path.basename(path))
-        return sorted(tags)
+        listed = defer.maybeDeferred(_listdir, directory) if self.pool is None else self.pool.run(_listdir, directory)
+
+        def merged(tags: set[str]) -> list[str]:
+            for pending in (self._writing, self._queued):  # the queued write is the later one
+                for path, data in pending.items():
+                    if os.path.dirname(path) == directory:
+                        (tags.add if data is not None else tags.discard)(os.path.basename(path))
+            return sorted(tags)
+
+        return listed.addCallback(merged)
 
     def delete_tag(self, registry: str, name: str, tag: str) -> None:
         self.delete_small(self.tag_path(registry, name, tag))
@@ -274,3 +276,10 @@ class DiskStorage:
     def _failed(self, error: BaseException, path: str) -> bool:
         log.warn("cannot write {path}: {error}", path=os.path.relpath(path, self.root), error=error)
         return False
+
+
+def _listdir(directory: str) -> set[str]:
+    try:
+        return set(os.listdir(directory))
+    except FileNotFoundError:
+        return set()
