@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from dioproxy.errors import RegistryError, UpstreamError, manifest_unknown
@@ -135,6 +136,10 @@ class TagIndex:
         self._remember((registry, name, tag), entry)
         if self.storage:
             self.storage.write_tag(registry, name, tag, entry)
+
+    def names(self, registry: str, name: str) -> defer.Deferred:
+        """Fires with the sorted tags of a repository we hold an entry for (every entry is on disk)."""
+        return self.storage.list_tags(registry, name) if self.storage else defer.succeed([])
 
     def forget(self, registry: str, name: str, tag: str) -> None:
         self._entries.pop((registry, name, tag), None)

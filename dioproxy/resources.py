@@ -38,6 +38,8 @@ API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 EMPTY_INDEX = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
 MAX_LISTING = 16 * 1024 * 1024
+#: RFC 7234 5.5.1 (dropped by RFC 9111, still understood): what we answer from the cache while the upstream fails.
+STALE_WARNING = '110 - "Response is Stale"'
 
 
 def arg(request: server.Request, name: str) -> str | None:
@@ -180,8 +182,8 @@ class Manifests(Endpoint):
         target = self.target(request)
         reference = check_reference(self.argument, target.name)
         manifest = await self.mirror.manifests.get(target, reference)
-        if manifest.outcome == "stale":  # RFC 7234 5.5.1 (dropped by RFC 9111, still understood)
-            request.setHeader("Warning", '110 - "Response is Stale"')
+        if manifest.outcome == "stale":
+            request.setHeader("Warning", STALE_WARNING)
         if (
             not is_digest(reference)
             and manifest.media_type in INDEX_TYPES
@@ -385,13 +387,13 @@ class Tags(Endpoint):
                 raise UpstreamError(target.registry, f"HTTP {response.code} for tags of {target.name}", response.code)
             body = await read_limited(response, MAX_LISTING)
         except UpstreamError:
-            if target.upstream.credentials is not None or self.mirror.storage is None:  # private names: fail closed
+            if target.upstream.credentials is not None:  # tag names of a private repository: fail closed
                 raise
-            tags = await self.mirror.storage.list_tags(target.registry, target.name)
+            tags = await self.mirror.manifests.tags.names(target.registry, target.name)
             if not tags:
                 raise
             request.dioproxy_outcome = "stale"
-            request.setHeader("Warning", '110 - "Response is Stale"')
+            request.setHeader("Warning", STALE_WARNING)
             self.page(request, tags, n, last, head)
             return
         link = header(response, "Link")
@@ -411,8 +413,8 @@ class Tags(Endpoint):
         if n is not None and len(tags) > n:
             tags = tags[:n]
             if tags:
-                query = urlencode({"n": n, "last": tags[-1], **({"ns": ns} if (ns := arg(request, "ns")) else {})})
-                request.setHeader("Link", f'<{base_url(request)}/v2/{self.name}/tags/list?{query}>; rel="next"')
+                cursor = urlencode({"n": n, "last": tags[-1]})
+                request.setHeader("Link", next_link(request, f"<?{cursor}>", f"/v2/{self.name}/tags/list"))
         body = json.dumps({"name": self.name, "tags": tags}).encode()
         self.finish(request, body, "application/json", head)
 

@@ -170,8 +170,11 @@ class DiskStorage:
 
     # -- tags ----------------------------------------------------------------------------------------------------
 
+    def _tags_dir(self, registry: str, name: str) -> str:
+        return os.path.join(self.root, "repos", registry, name, "_tags")
+
     def tag_path(self, registry: str, name: str, tag: str) -> str:
-        return os.path.join(self.root, "repos", registry, name, "_tags", tag)
+        return os.path.join(self._tags_dir(registry, name), tag)
 
     def read_tag(self, registry: str, name: str, tag: str) -> TagEntry | None:
         data = self.read_small(self.tag_path(registry, name, tag))
@@ -195,7 +198,7 @@ class DiskStorage:
     def list_tags(self, registry: str, name: str) -> defer.Deferred:
         """Fires with the sorted tags we hold an entry for, entries still being written included: the directory is
         listed in the disk pool, the pending writes are merged here, on the reactor, where they change."""
-        directory = os.path.dirname(self.tag_path(registry, name, "x"))
+        directory = self._tags_dir(registry, name)
         listed = defer.maybeDeferred(_listdir, directory) if self.pool is None else self.pool.run(_listdir, directory)
 
         def merged(tags: set[str]) -> list[str]:
