@@ -355,7 +355,8 @@ def live_summary(text: str) -> str:
     ]
     for s in samples:
         if s.name == "dioproxy_upstream_ratelimit_remaining":
-            lines.append(f"  rate limit left   {s.value:>12.0f}  {s.labels.get('registry')}")
+            who = f"{s.labels.get('registry')} ({s.labels.get('account')})"
+            lines.append(f"  pulls left        {s.value:>12.0f}  {who}")
     return "\n".join(lines) + "\n"
 
 

@@ -107,6 +107,8 @@ class Config:
     max_connections: int | None = None  # client connections at once; None: sized to the fd limit (see site.py)
     security: Security = field(default_factory=Security)
     prefetch: tuple[PrefetchImage, ...] = ()
+    pull_reserve: float = 20.0  # percent of an upstream's pull limit kept for images the cache lacks
+    pull_wait: float = 5.0  # a request waits this long for a used-up pull budget to come back, else 429
 
 
 def parse_duration(value: Any, key: str) -> float:
@@ -183,6 +185,7 @@ _TOP_KEYS = {
     "rate_limit",
     "tls",
     "prefetch",
+    "pull_budget",
 }
 _CACHE_KEYS = {"dir", "tag_ttl", "enabled", "max_size", "max_age", "accel_redirect", "negative_ttl"}
 _UPSTREAM_KEYS = {"url", "username", "password", "redirect_hosts"}
@@ -191,6 +194,7 @@ _LIMIT_KEYS = {"max_connections"}
 _AUTH_KEYS = {"htpasswd", "token_ttl", "secret", "metrics_allow"}
 _RATE_KEYS = {"rate", "burst", "trusted_proxies"}
 _TLS_KEYS = {"cert", "key"}
+_BUDGET_KEYS = {"reserve", "wait"}
 _PREFETCH_KEYS = {"image", "platforms", "every"}
 _PLATFORM_RE = re.compile(r"[a-z0-9_]+/[a-z0-9_]+(?:/[a-z0-9_.]+)?")
 
@@ -273,6 +277,8 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
         raise ConfigError(f"limits.max_connections: expected a whole number >= 1, got {max_connections!r}")
 
     security = _security(data, upstreams)
+    budget = _mapping(data.get("pull_budget"), "pull_budget")
+    _unknown(budget, _BUDGET_KEYS, "pull_budget.")
 
     return Config(
         security=security,
@@ -292,7 +298,21 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
         prefetch=_prefetch(data.get("prefetch"), upstreams),
         client_timeout=client_timeout,
         max_connections=max_connections,
+        pull_reserve=_percent(budget.get("reserve", 20), "pull_budget.reserve"),
+        pull_wait=parse_duration(budget.get("wait", 5), "pull_budget.wait"),
     )
+
+
+def _percent(value: Any, key: str) -> float:
+    """``20%`` or ``20``: a share of something, 0 to 100."""
+    text = value.strip().removesuffix("%") if isinstance(value, str) else value
+    try:
+        percent = float(text) if not isinstance(text, bool) else None
+    except (TypeError, ValueError):
+        percent = None
+    if percent is None or not 0 <= percent <= 100:
+        raise ConfigError(f"{key}: expected a percentage from 0 to 100 like 20%, got {value!r}")
+    return percent
 
 
 def _prefetch(value: Any, upstreams: dict[str, Upstream]) -> tuple[PrefetchImage, ...]:

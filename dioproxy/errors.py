@@ -78,7 +78,8 @@ class UpstreamError(Exception):
     def to_registry_error(self) -> RegistryError:
         if self.status == 429:
             headers = {"Retry-After": self.retry_after or "60"}
-            return RegistryError(429, "TOOMANYREQUESTS", f"upstream {self.registry} rate limit", headers=headers)
+            message = f"upstream {self.registry}: {self.reason}"
+            return RegistryError(429, "TOOMANYREQUESTS", message, headers=headers)
         return RegistryError(
             502 if self.status else 503,
             "UNAVAILABLE",

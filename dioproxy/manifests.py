@@ -4,7 +4,9 @@ Docker Hub counts manifest GETs, not HEADs, against its rate limit: a tag within
 nothing; past it, one HEAD; a body is fetched only when the digest is new. When the upstream fails, the last known
 digest is served (stale) rather than failing the pull, at once while the registry is offline
 (:mod:`dioproxy.health`). A tag the upstream does not know is remembered for a short while, so a storm of requests
-for a typo costs the upstream one.
+for a typo costs the upstream one. Every manifest GET is spent from the account's pull budget
+(:mod:`dioproxy.budget`): when it runs low, a cached tag that moved upstream is served as it is; when it is gone,
+nothing is fetched blind.
 """
 
 from __future__ import annotations
@@ -264,6 +266,14 @@ class Manifests:
                 return Manifest(entry.digest, cached[0], cached[1], "hit")
         try:
             digest = await self._head(target, tag) if entry is not None else None
+            client = self.client_for(target)
+            moved = entry is not None and (digest is None or self.store.get(digest) is None)
+            if moved and client.budget.holding(client.allowance):
+                # The budget is low: the tag keeps its cached digest; the GET is kept for images the cache lacks.
+                stale = self._stale(target, tag, entry, "budget")
+                if stale is not None:
+                    client.budget.note(client.allowance, "held")
+                    return stale
             if digest is not None:  # a hit if the digest is one we hold, else its body is fetched once
                 manifest = await self._by_digest(target, digest)
             else:
@@ -271,10 +281,10 @@ class Manifests:
                 manifest = Manifest(sha256_digest(body), media_type, body, "miss")
                 await self._put(target, manifest.digest, media_type, body)
         except UpstreamError as e:
-            cached = self.store.get(entry.digest) if entry is not None else None
-            if cached is None:
-                raise
             offline = isinstance(e, Offline)  # said once by dioproxy.health, not for every request
+            stale = self._stale(target, tag, entry, "offline" if offline else "error")
+            if stale is None:
+                raise
             if not offline:
                 log.warn(
                     "upstream {registry} failed ({why}); serving stale {name}:{tag}",
@@ -283,9 +293,7 @@ class Manifests:
                     name=name,
                     tag=tag,
                 )
-            if self.on_stale:
-                self.on_stale(registry, "offline" if offline else "error")
-            return Manifest(entry.digest, cached[0], cached[1], "stale")
+            return stale
         except RegistryError as e:
             if e.code == "MANIFEST_UNKNOWN":
                 self.tags.forget(registry, name, tag)
@@ -294,6 +302,15 @@ class Manifests:
             raise
         self.tags.put(registry, name, tag, TagEntry(manifest.digest, manifest.media_type, len(manifest.body), now))
         return manifest
+
+    def _stale(self, target: Target, tag: str, entry: TagEntry | None, reason: str) -> Manifest | None:
+        """The last known manifest of a tag, served past its check (None if the cache no longer holds it)."""
+        cached = self.store.get(entry.digest) if entry is not None else None
+        if cached is None:
+            return None
+        if self.on_stale:
+            self.on_stale(target.registry, reason)
+        return Manifest(entry.digest, cached[0], cached[1], "stale")
 
     async def _head(self, target: Target, tag: str) -> str | None:
         """The tag's current digest by HEAD (free on Docker Hub), or None if the upstream will not say."""
@@ -307,9 +324,13 @@ class Manifests:
 
     async def _fetch(self, target: Target, reference: str) -> tuple[str, bytes]:
         client = self.client_for(target)
-        response = await client.request(
-            "GET", f"/v2/{target.name}/manifests/{reference}", target.name, {"Accept": ACCEPT}
-        )
+        path = f"/v2/{target.name}/manifests/{reference}"
+
+        async def probe() -> None:  # a HEAD costs no budget and its answer says what is left
+            await discard(await client.request("HEAD", path, target.name, {"Accept": ACCEPT}))
+
+        async with client.budget.spending(client.allowance, probe):
+            response = await client.request("GET", path, target.name, {"Accept": ACCEPT})
         if response.code != 200:
             await discard(response)
             if response.code in (404, 401, 403):

@@ -8,7 +8,6 @@ state (fills in progress, cache size) are read when scraped, so they can never d
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any, Callable
 
@@ -31,7 +30,6 @@ NAMESPACE = "dioproxy"
 #: Request durations: a cached manifest takes a millisecond, a cold multi-GB layer minutes.
 REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 FILL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-_RATELIMIT = re.compile(r"\s*(\d+)")
 
 # No ``*_created`` series next to every counter: they double the exposition and no dashboard uses them.
 disable_created_metrics()
@@ -53,12 +51,6 @@ def endpoint_of(path: bytes | str) -> str:
         return "other"
     first = path.strip("/").split("/", 1)[0]
     return first if first in ("token", "healthz", "metrics") else "other"
-
-
-def parse_ratelimit(value: str | None) -> int | None:
-    """``ratelimit-remaining: 98;w=21600`` → 98."""
-    match = _RATELIMIT.match(value or "")
-    return int(match.group(1)) if match else None
 
 
 class Metrics:
@@ -120,17 +112,19 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
-        self.ratelimit_remaining = Gauge(
-            "upstream_ratelimit_remaining",
-            "The last ratelimit-remaining an upstream announced (Docker Hub: manifest GETs left in the window)",
-            ["registry"],
+        self.budget_actions = Counter(
+            "pull_budget_actions",
+            "What the pull budget decided (dioproxy.budget): held (a cached tag served as it is to save a manifest "
+            "GET), waited (for the upstream's reset), refused (429: the budget is used up)",
+            ["registry", "account", "action"],
             namespace=ns,
             registry=r,
         )
         self.stale_answers = Counter(
             "stale_answers",
             "Tags answered from the cache past their tag_ttl because the upstream could not say: reason=offline "
-            "(its registry is in its offline window: answered at once) or error (it failed on this request)",
+            "(its registry is in its offline window: answered at once), error (it failed on this request) or budget "
+            "(the pull budget is low: a moved tag keeps its cached digest)",
             ["registry", "reason"],
             namespace=ns,
             registry=r,
@@ -176,8 +170,6 @@ class Metrics:
         )
         self.last_reload.set(time.time())
         Gauge("build_info", "dioproxy version", ["version"], namespace=ns, registry=r).labels(__version__).set(1)
-        #: The last rate-limit budget each upstream announced: ``{"remaining", "limit", "at"}`` (the status page).
-        self.ratelimits: dict[str, dict[str, Any]] = {}
         self._state: Callable[[], dict[str, Any]] = dict
         r.register(_StateCollector(self))
 
@@ -210,17 +202,16 @@ class Metrics:
             self.upstream_errors.labels(registry, "5xx").inc()
         if response is None:
             return
-        remaining = parse_ratelimit(_header(response, "ratelimit-remaining"))
-        if remaining is not None:
-            self.ratelimit_remaining.labels(registry).set(remaining)
-            limit = parse_ratelimit(_header(response, "ratelimit-limit"))
-            self.ratelimits[registry] = {"remaining": remaining, "limit": limit, "at": time.time()}
         if method == "GET" and code in (200, 206) and isinstance(response.length, int):
             self.upstream_bytes.labels(registry).inc(response.length)
 
     def upstream_error(self, registry: str, reason: str) -> None:
         """``UpstreamClient.on_error``: the upstream could not be reached (no HTTP answer)."""
         self.upstream_errors.labels(registry, "network").inc()
+
+    def budget_action(self, registry: str, account: str, action: str) -> None:
+        """``PullBudget.on_action``."""
+        self.budget_actions.labels(registry, account, action).inc()
 
     def stale_answer(self, registry: str, reason: str) -> None:
         """``Manifests.on_stale``: a tag was served stale."""
@@ -245,11 +236,6 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _header(response: Any, name: str) -> str | None:
-    values = response.headers.getRawHeaders(name) if getattr(response, "headers", None) is not None else None
-    return values[0] if values else None
-
-
 class _StateCollector:
     """Gauges computed at scrape time from the mirror's live objects."""
 
@@ -266,6 +252,7 @@ class _StateCollector:
         yield GaugeMetricFamily(
             f"{ns}_fill_inflight_bytes", "Bytes written so far by fills in progress", state.get("fill_bytes", 0)
         )
+        yield from _budget_gauges(state.get("budget", []))
         if "cache_size" not in state:
             return
         yield GaugeMetricFamily(
@@ -282,6 +269,27 @@ class _StateCollector:
         yield GaugeMetricFamily(
             f"{ns}_cache_index_ready", "1 once the start-up scan of the cache directory is done", state["ready"]
         )
+
+
+def _budget_gauges(allowances: list[dict[str, Any]]) -> Any:
+    """The pull budget each upstream last announced for each of our accounts (dioproxy.budget)."""
+    labels = ["registry", "account"]
+    remaining = GaugeMetricFamily(
+        f"{NAMESPACE}_upstream_ratelimit_remaining",
+        "Manifest GETs the upstream allows this account in its window, as it last said (Docker Hub's "
+        "ratelimit-remaining, less the GETs under way); absent once the announcement is older than its window",
+        labels=labels,
+    )
+    limit = GaugeMetricFamily(
+        f"{NAMESPACE}_upstream_ratelimit_limit", "The upstream's ratelimit-limit for this account", labels=labels
+    )
+    for a in allowances:
+        if a["remaining"] is not None:
+            remaining.add_metric([a["registry"], a["account"]], a["remaining"])
+        if a["limit"] is not None:
+            limit.add_metric([a["registry"], a["account"]], a["limit"])
+    yield remaining
+    yield limit
 
 
 class CountingTokenCache(TokenCache):

@@ -13,6 +13,7 @@ from treq.client import HTTPClient
 from twisted.internet import defer
 
 from dioproxy.auth import Gate, Htpasswd, Tokens
+from dioproxy.budget import PullBudget
 from dioproxy.config import Config, Upstream
 from dioproxy.egress import make_public_http_client
 from dioproxy.errors import name_unknown
@@ -48,6 +49,9 @@ class Mirror:
         #: Which registries are up; offline ones are answered at once (stale or 503) while one probe asks.
         self.health = Health(reactor, config.offline_timeout)
         self.health.track(config.upstreams)
+        #: What each upstream account may still pull (Docker Hub's rate limit), and how we spend it.
+        self.budget = PullBudget(reactor, time.time, config.pull_reserve, config.pull_wait)
+        self.budget.on_action = self.metrics.budget_action
         self.clients = {name: self.make_client(upstream) for name, upstream in config.upstreams.items()}
         self.fills = (
             FillManager(self.storage, reactor, self.pools.disk, self.metrics.fill_done, self.make_room)
@@ -139,10 +143,12 @@ class Mirror:
             on_response=self.upstream_response,
             on_error=self.metrics.upstream_error,
             health=self.health,
+            budget=self.budget,
         )
 
     def _reconfigure_outages(self, old: Config, new: Config) -> None:
-        """A reload: the new window and negative TTL; a registry whose URL or credentials changed starts afresh."""
+        """A reload: the new window, negative TTL and pull budget policy; a registry whose URL or credentials changed
+        starts afresh (a new account has its own budget: :meth:`make_client` picks it)."""
         self.health.window = new.offline_timeout
         self.health.track(new.upstreams)
         for name, upstream in new.upstreams.items():
@@ -150,6 +156,7 @@ class Mirror:
                 self.health.forget(name)
                 self.manifests.unknown.forget(name)
         self.manifests.negative_ttl = new.negative_ttl
+        self.budget.reserve, self.budget.wait = new.pull_reserve, new.pull_wait
 
     def apply(self, config: Config) -> list[str]:
         """Put a new, validated configuration in force at once; in-flight transfers keep their clients.
@@ -171,7 +178,7 @@ class Mirror:
     def state(self) -> dict:
         """What ``/metrics`` reads at each scrape: fills in progress, cache size and entries."""
         fills = list(self.fills.fills.values()) if self.fills else []
-        state = {"fills": len(fills), "fill_bytes": sum(f.written for f in fills)}
+        state = {"fills": len(fills), "fill_bytes": sum(f.written for f in fills), "budget": self.budget.snapshot()}
         if self.cache:
             state.update(self.cache.state())
         return state

@@ -192,16 +192,19 @@ def page_data(mirror: Any, base_url: str) -> dict[str, Any]:
 def _upstreams(mirror: Any, registries: list[str], now: float) -> list[dict[str, Any]]:
     health = getattr(mirror, "health", None)
     known = health.snapshot() if health is not None else {}
-    limits = mirror.metrics.ratelimits
+    budget = getattr(mirror, "budget", None)
+    limits = {(a["registry"], a["account"]): a for a in budget.snapshot()} if budget is not None else {}
     rows = []
     for registry in registries:
         entry = known.get(registry)
+        client = mirror.clients.get(registry)
+        account = client.allowance.account if client is not None else "anonymous"
         rows.append(
             {
                 "registry": registry,
                 "state": _state(entry, now) if health is not None else "unknown",
                 "health": entry,
-                "ratelimit": limits.get(registry),
+                "ratelimit": limits.get((registry, account)),  # the account we pull as now
             }
         )
     return rows

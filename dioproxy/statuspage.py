@@ -128,8 +128,9 @@ def _health(data: dict[str, Any], now: float) -> str:
     hub_line = ""
     if hub is not None:
         hub_line = (
-            f"<p>Docker Hub rate-limit budget: <b>{esc(hub['remaining'])}</b>"
-            f"{' of ' + esc(hub['limit']) if hub.get('limit') else ''} manifest pulls left "
+            f"<p>Docker Hub pull budget ({esc(hub['account'])}): <b>{esc(hub['remaining'])}</b>"
+            f"{' of ' + esc(hub['limit']) if hub.get('limit') else ''} manifest pulls left"
+            f"{_budget_state(hub)} "
             f'<span class="muted">(announced {when(hub["at"], now)})</span></p>'
         )
     return (
@@ -142,10 +143,19 @@ def _health(data: dict[str, Any], now: float) -> str:
 
 
 def _budget(limit: dict[str, Any] | None) -> str:
-    if not limit:
+    if not limit or limit["remaining"] is None:
         return '<span class="muted">-</span>'
     of = f" / {esc(limit['limit'])}" if limit.get("limit") else ""
-    return f"{esc(limit['remaining'])}{of}"
+    return f"{esc(limit['remaining'])}{of}{_budget_state(limit)}"
+
+
+def _budget_state(limit: dict[str, Any]) -> str:
+    """What the mirror does about it (dioproxy.budget): nothing said while there is plenty."""
+    if limit["state"] == "low":
+        return ' <span class="badge failing">low: cached tags kept</span>'
+    if limit["state"] == "gone":
+        return f' <span class="badge offline">used up: back in ~{esc(limit["retry_in"])} s</span>'
+    return ""
 
 
 def _traffic(data: dict[str, Any]) -> str:

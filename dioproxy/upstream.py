@@ -26,6 +26,7 @@ from twisted.web import client as webclient
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
+from dioproxy.budget import Allowance, PullBudget
 from dioproxy.config import Config, Upstream
 from dioproxy.egress import InternalAddress
 from dioproxy.errors import UpstreamError
@@ -300,6 +301,7 @@ class UpstreamClient:
         on_response: Callable[[str, str, int, IResponse], None] | None = None,
         on_error: Callable[[str, str], None] | None = None,
         health: Health | None = None,
+        budget: PullBudget | None = None,
     ) -> None:
         self.upstream = upstream
         self.http = http
@@ -313,6 +315,9 @@ class UpstreamClient:
         self.on_response = on_response
         self.on_error = on_error
         self.health = health or Health(reactor)
+        #: The pull budget of the account we are signed in as (its announcements are read off every answer).
+        self.budget = budget or PullBudget(reactor, time.time)
+        self.allowance: Allowance = self.budget.of(upstream.registry, upstream.username or "anonymous")
         self._challenge: Challenge | None = None
         self._token_flights = SingleFlight()
 
@@ -527,6 +532,7 @@ class UpstreamClient:
             response = _TimedResponse(response, self, url.split("?")[0])
             if self.on_response:
                 self.on_response(self.registry, method, response.code, response)
+            self.budget.observe(self.allowance, response.code, response.headers)
             location = header(response, "Location")
             if response.code not in REDIRECT_STATUSES or not location:
                 return response

@@ -171,6 +171,7 @@ class _Token:
     repositories: set[str]
     service: str | None
     expires_at: float
+    user: str | None = None
 
 
 @dataclass
@@ -256,6 +257,7 @@ class FakeRegistry:
         private: Sequence[str] = (),
         blob_redirect: bool = True,
         ratelimit: int = 100,
+        account_ratelimit: int = 200,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -266,7 +268,10 @@ class FakeRegistry:
         self.blob_redirect = blob_redirect
         self.ratelimit_limit = ratelimit
         self.ratelimit_remaining = ratelimit
-        self.ratelimit_retry_after = 60
+        self.ratelimit_retry_after: int | None = 60  # None: a 429 without Retry-After (as Docker Hub's pull limit)
+        #: Signed-in users are counted per account (anonymous pulls per address: ``ratelimit_remaining``).
+        self.account_ratelimit_limit = account_ratelimit
+        self.account_ratelimit_remaining: dict[str, int] = {}
         self.token_ttl = 300
         self.cdn_url_ttl = 600
         self.cdn_reject_authorization = True  # like S3/CloudFront: a signed URL plus Authorization is a 400
@@ -778,7 +783,7 @@ class FakeRegistry:
                 granted.add(name)
         token = secrets.token_urlsafe(24)
         now = self.reactor.seconds()
-        self._tokens[token] = _Token(granted, record.query.get("service"), now + self.token_ttl)
+        self._tokens[token] = _Token(granted, record.query.get("service"), now + self.token_ttl, user)
         issued = datetime.fromtimestamp(now, tz=timezone.utc).isoformat().replace("+00:00", "Z")
         body = {"token": token, "access_token": token, "expires_in": self.token_ttl, "issued_at": issued}
         self._send(request, 200, _json(body))
@@ -821,22 +826,42 @@ class FakeRegistry:
         else:
             self._referrers(request, name, ref)
 
-    def _ratelimit_headers(self) -> dict[str, str]:
+    def _account(self, request: Request) -> str | None:
+        """The signed-in user a request's token was issued to (None: anonymous, or Basic auth mode)."""
+        scheme, _, value = (request.getHeader("authorization") or "").partition(" ")
+        token = self._tokens.get(value.strip()) if scheme.lower() == "bearer" else None
+        return token.user if token is not None else None
+
+    def ratelimit_left(self, user: str | None = None) -> int:
+        """Manifest GETs left for ``user`` (None: anonymous)."""
+        if user is None:
+            return self.ratelimit_remaining
+        return self.account_ratelimit_remaining.setdefault(user, self.account_ratelimit_limit)
+
+    def _ratelimit_headers(self, user: str | None = None) -> dict[str, str]:
+        limit = self.ratelimit_limit if user is None else self.account_ratelimit_limit
         return {
-            "ratelimit-limit": f"{self.ratelimit_limit};w={RATELIMIT_WINDOW}",
-            "ratelimit-remaining": f"{self.ratelimit_remaining};w={RATELIMIT_WINDOW}",
+            "ratelimit-limit": f"{limit};w={RATELIMIT_WINDOW}",
+            "ratelimit-remaining": f"{self.ratelimit_left(user)};w={RATELIMIT_WINDOW}",
         }
 
     def _manifest(self, request: Request, name: str, ref: str) -> None:
-        # Docker Hub counts manifest GETs only; HEADs are free and show the current budget.
+        # Docker Hub counts manifest GETs only, per address anonymously and per account signed in; HEADs are free
+        # and show the current budget.
+        user = self._account(request)
         if request.method == b"GET":
-            if self.ratelimit_remaining <= 0:
-                headers = {**self._ratelimit_headers(), "Retry-After": str(self.ratelimit_retry_after)}
+            if self.ratelimit_left(user) <= 0:
+                headers = self._ratelimit_headers(user)
+                if self.ratelimit_retry_after is not None:
+                    headers["Retry-After"] = str(self.ratelimit_retry_after)
                 message = "You have reached your pull rate limit."
                 self._error(request, 429, "TOOMANYREQUESTS", message, None, headers)
                 return
-            self.ratelimit_remaining -= 1
-        headers = self._ratelimit_headers()
+            if user is None:
+                self.ratelimit_remaining -= 1
+            else:
+                self.account_ratelimit_remaining[user] -= 1
+        headers = self._ratelimit_headers(user)
         repo = self._repos.get(name)
         digest = ref if ref.startswith("sha256:") else (repo.tags.get(ref) if repo else None)
         manifest = repo.manifests.get(digest) if repo and digest else None

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from dioproxy.metrics import Metrics, endpoint_of, parse_ratelimit
+from dioproxy.metrics import Metrics, endpoint_of
 from tests.harness import Proxy, start_upstream
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -171,12 +171,6 @@ class UnitTests(unittest.TestCase):
         }
         for path, endpoint in cases.items():
             self.assertEqual(endpoint_of(path.encode()), endpoint, path)
-
-    def test_ratelimit_header(self):
-        self.assertEqual(parse_ratelimit("98;w=21600"), 98)
-        self.assertEqual(parse_ratelimit("0"), 0)
-        self.assertIsNone(parse_ratelimit(None))
-        self.assertIsNone(parse_ratelimit("many"))
 
     def test_each_mirror_has_its_own_registry(self):
         a, b = Metrics(), Metrics()
