@@ -346,7 +346,10 @@ class UpstreamClient:
                 reason = f"{type(e).__name__}: {e}"
                 if self.on_error:
                     self.on_error(self.registry, reason)
-                if attempt == self.retries or self.health.offline(self.registry):
+                # A registry silent for a whole timeout will not answer the next attempt either: no retry, so a
+                # black hole costs the first request one timeout, not one per attempt (then the offline window).
+                silent = _cancelled(e)
+                if attempt == self.retries or silent or self.health.offline(self.registry):
                     self.health.failed(self.registry, reason)
                     raise UpstreamError(self.registry, reason) from None
                 log.info(

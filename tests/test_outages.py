@@ -145,6 +145,18 @@ class BlackHoleTests(unittest.TestCase):
         self.assertEqual(self.switch.accepted["hole"], 1)
 
 
+    @defer.inlineCallbacks
+    def test_a_black_hole_costs_the_first_request_one_timeout(self):
+        self.proxy.mirror.clients["docker.io"].timeout = 1.0  # timeouts.read, short for the test
+        self.switch.set_mode("hole")
+        response, body, first = yield self.timed("/v2/library/hello/manifests/1.0")
+        self.assertEqual((response.code, body), (200, self.image.body))
+        self.assertEqual(response.headers.getRawHeaders("Warning"), STALE)
+        self.assertEqual(self.switch.accepted["hole"], 1, "a registry silent for a whole timeout was asked again")
+        self.assertLess(first, 2.0)
+        self.assertIsNotNone(self.proxy.mirror.health.snapshot()["docker.io"]["offline_until"])
+
+
 class FailureKindTests(unittest.TestCase):
     """What takes a registry offline, and what never does."""
 
