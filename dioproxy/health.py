@@ -7,10 +7,11 @@ served stale, everything else answers 503 with ``Retry-After``), and a single ba
 at most one at a time and one every :data:`PROBE_INTERVAL` seconds) asks whether it is back; its success ends the
 window early, its failure starts a new one.
 
-What counts as a failure (``UpstreamClient.request`` reports it): no answer after the retries (connection refused or
-reset, DNS, a timeout) or a 5xx after the retries. Never a failure: any answer below 500 (404, 401, 403: the
-registry is up and answered), a 429 (it answered, and asked us to slow down), a caller that gave up on its own
-request (cancelled before the read timeout), and errors of the token service (not retried, not the registry).
+What counts as a failure (``UpstreamClient`` reports it): no answer after the retries (connection refused or
+reset, DNS; a timeout is not retried), a 5xx after the retries, and a token service that does not answer (without
+tokens the registry serves nobody; the probe then asks the token service too). Never a failure: any answer below
+500 (404, 401, 403: the registry is up and answered), a 429 (it answered, and asked us to slow down), a caller that
+gave up on its own request (cancelled before the read timeout), and a token service that answers with an error.
 """
 
 from __future__ import annotations

@@ -381,14 +381,24 @@ class UpstreamClient:
         raise AssertionError("unreachable")
 
     async def probe(self) -> int:
-        """The status of one ``HEAD /v2/`` (no auth, no redirects, no retries): whether the registry answers."""
+        """Whether the registry answers: the status of one ``HEAD /v2/`` (no auth, no redirects, no retries), and
+        when that asks for Bearer tokens, of one anonymous token request too (a registry whose token service is
+        down serves nobody)."""
         response = await self.http.request(
             "HEAD", self.upstream.url + "/v2/", allow_redirects=False, unbuffered=True, timeout=self.timeout
         )
         if self.on_response:
             self.on_response(self.registry, "HEAD", response.code, response)
         await discard(response)
-        return response.code
+        challenge = parse_challenge(header(response, "WWW-Authenticate") or "") if response.code == 401 else None
+        realm = challenge.params.get("realm", "") if challenge and challenge.scheme == "bearer" else ""
+        if urlsplit(realm).scheme not in ("http", "https"):
+            return response.code
+        service = challenge.params.get("service")
+        url = realm + (("&" if "?" in realm else "?") + urlencode({"service": service}) if service else "")
+        token = await self._follow("GET", url, {})
+        await discard(token)
+        return token.code
 
     async def token(self, scope: str, anonymous: bool = False) -> dict:
         """A token answer from this registry's realm, for the seed-compatible ``/token`` endpoint.
@@ -492,11 +502,16 @@ class UpstreamClient:
         basic = self._basic() if credentials else None
         if basic:
             headers["Authorization"] = basic
+        started = self.reactor.seconds()
         try:
             response = await self._follow("GET", url, headers)
             body = await read_limited(response, 1 << 20)
         except _NETWORK_ERRORS as e:
-            raise UpstreamError(self.registry, f"token service unreachable: {type(e).__name__}") from None
+            if _cancelled(e) and self.reactor.seconds() - started < self.timeout:
+                raise defer.CancelledError("token request cancelled") from e  # our caller gave up: no failure
+            reason = f"token service unreachable: {type(e).__name__}"
+            self.health.failed(self.registry, reason)  # without tokens the registry serves nobody: offline
+            raise UpstreamError(self.registry, reason) from None
         if response.code != 200:
             raise UpstreamError(self.registry, f"token service answered HTTP {response.code}", response.code)
         try:

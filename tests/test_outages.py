@@ -144,7 +144,6 @@ class BlackHoleTests(unittest.TestCase):
         self.assertGreater(state["last_success"], state["last_error_at"])
         self.assertEqual(self.switch.accepted["hole"], 1)
 
-
     @defer.inlineCallbacks
     def test_a_black_hole_costs_the_first_request_one_timeout(self):
         self.proxy.mirror.clients["docker.io"].timeout = 1.0  # timeouts.read, short for the test
@@ -155,6 +154,58 @@ class BlackHoleTests(unittest.TestCase):
         self.assertEqual(self.switch.accepted["hole"], 1, "a registry silent for a whole timeout was asked again")
         self.assertLess(first, 2.0)
         self.assertIsNotNone(self.proxy.mirror.health.snapshot()["docker.io"]["offline_until"])
+
+
+class TokenServiceOutageTests(unittest.TestCase):
+    """The registry answers, its token service (auth.docker.io) is a black hole: nobody can be served."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.patch(health_module, "PROBE_INTERVAL", 0.1)
+        self.fake = start_upstream(self)
+        self.image = self.fake.add_image("library/hello", "1.0", layer_sizes=[1000])
+        self.switch = Switch(self, self.fake.auth_url)
+        self.fake.auth_url = self.switch.url  # the challenge names the switch as the realm
+        self.proxy = Proxy(self, self.fake.registry_url, cache={"tag_ttl": 0})
+        self.proxy.mirror.clients["docker.io"].timeout = 1.0
+        response = yield self.proxy.get("/v2/library/hello/manifests/1.0")
+        self.assertEqual(((yield response.content()), response.code), (self.image.body, 200))
+
+    @defer.inlineCallbacks
+    def timed(self, path: str):
+        started = time.monotonic()
+        response = yield self.proxy.get(path)
+        body = yield response.content()
+        return response, body, time.monotonic() - started
+
+    @defer.inlineCallbacks
+    def test_offline_at_once_after_the_first_and_back_when_tokens_are(self):
+        self.proxy.mirror.tokens._tokens.clear()  # the next request needs a token
+        self.switch.set_mode("hole")
+        response, body, first = yield self.timed("/v2/library/hello/manifests/1.0")
+        self.assertEqual((response.code, body), (200, self.image.body))
+        self.assertEqual(response.headers.getRawHeaders("Warning"), STALE)
+        self.assertLess(first, 2.0, "one token timeout (1 s), not more")
+        self.assertIn("token service", self.proxy.mirror.health.snapshot()["docker.io"]["last_error"])
+        times = []
+        for _ in range(5):
+            response, body, seconds = yield self.timed("/v2/library/hello/manifests/1.0")
+            self.assertEqual((response.code, body), (200, self.image.body))
+            times.append(seconds)
+        self.assertLess(max(times), 0.5, "each request waited for the token service again")
+
+        self.switch.set_mode("forward")
+        moved = self.fake.add_image("library/hello", "1.0", layer_sizes=[10])
+
+        @defer.inlineCallbacks
+        def fresh():
+            response, body, _ = yield self.timed("/v2/library/hello/manifests/1.0")
+            return response.code == 200 and body == moved.body
+
+        yield eventually(fresh)
+        self.assertIsNone(self.proxy.mirror.health.snapshot()["docker.io"]["offline_until"])
 
 
 class FailureKindTests(unittest.TestCase):
