@@ -23,7 +23,7 @@ from twisted.web import client as webclient
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
 from dioproxy.pools import BlockingPool
 from dioproxy.routing import Target
-from dioproxy.storage import DiskStorage
+from dioproxy.storage.disk import DiskStorage
 from dioproxy.upstream import UpstreamClient, abandon, header
 
 log = Logger()

@@ -26,7 +26,8 @@ from dioproxy.names import is_digest
 from dioproxy.private import PrivateContent
 from dioproxy.routing import Target
 from dioproxy.singleflight import SingleFlight
-from dioproxy.storage import DiskStorage, TagEntry
+from dioproxy.storage.base import TagEntry
+from dioproxy.storage.disk import DiskStorage
 from dioproxy.upstream import MANIFEST_TYPES, UpstreamClient, discard, header, read_limited
 
 log = Logger()

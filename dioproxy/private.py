@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from dioproxy.errors import blob_unknown, manifest_unknown
 from dioproxy.routing import Target
-from dioproxy.storage import DiskStorage
+from dioproxy.storage.disk import DiskStorage
 from dioproxy.upstream import MANIFEST_TYPES, UpstreamClient, discard
 
 log = Logger()
