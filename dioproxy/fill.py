@@ -86,6 +86,10 @@ class Fill:
         if self.failure:
             self.failure.raiseException()
 
+    def open(self) -> int:
+        """A read descriptor on the growing file (FileNotFoundError once it was committed)."""
+        return os.open(self.path, os.O_RDONLY)
+
     def readable(self) -> int:
         """How many bytes a reader may have right now."""
         if self.done:

@@ -63,11 +63,9 @@ def _abort(request: Request) -> None:
 class FileStreamer:
     """Sends ``[start, end)`` of a file to a request; follows a :class:`Fill` while the file still grows."""
 
-    def __init__(
-        self, request: Request, source: str | int, start: int, end: int | None, fill: Fill | None = None
-    ) -> None:
+    def __init__(self, request: Request, fd: int, start: int, end: int | None, fill: Fill | None = None) -> None:
         self.request = request
-        self.fd = os.open(source, os.O_RDONLY) if isinstance(source, str) else source
+        self.fd = fd  # ours: closed when the body is done or the client left
         self.pos = start
         self.end = end
         self.fill = fill
@@ -183,7 +181,7 @@ class SendfileStreamer(FileStreamer):
         self.request.channel.pauseProducing()
 
 
-def stream_file(request: Request, source: str | int, start: int, end: int | None, fill: Fill | None) -> None:
+def stream_file(request: Request, fd: int, start: int, end: int | None, fill: Fill | None) -> None:
     """Send a file range: by ``sendfile`` for a complete file on plain TCP, else through a push producer."""
     transport = request.channel.transport if request.channel else None
     plain_tcp = (
@@ -194,7 +192,7 @@ def stream_file(request: Request, source: str | int, start: int, end: int | None
         and hasattr(transport, "dataBuffer")
         and hasattr(os, "sendfile")
     )
-    (SendfileStreamer if plain_tcp else FileStreamer)(request, source, start, end, fill).start()
+    (SendfileStreamer if plain_tcp else FileStreamer)(request, fd, start, end, fill).start()
 
 
 class UpstreamPipe(protocol.Protocol):
