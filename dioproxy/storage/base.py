@@ -92,3 +92,7 @@ class MetadataStore(Protocol):
 
     def settled(self) -> Deferred[None]:
         """Fires once every write asked for so far is durable."""
+
+
+class Store(BlobStore, MetadataStore, Protocol):
+    """Blobs and their metadata in one place (the cache directory)."""
