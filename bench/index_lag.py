@@ -215,6 +215,7 @@ def old_package(rev: str, into: str) -> str:
             ["git", "show", f"{rev}:dioproxy/{module}.py"], cwd=REPOSITORY, check=True, capture_output=True, text=True
         ).stdout
         source = source.replace("from dioproxy.cachedir import", "from old_dioproxy.cachedir import")
+        source = source.replace("from dioproxy.storage import", "from dioproxy.storage.disk import")  # moved since
         with open(os.path.join(package, f"{module}.py"), "w") as f:
             f.write(source)
     return into

@@ -33,13 +33,13 @@ from typing import IO, Any
 from urllib.parse import quote
 
 from dioproxy import __version__, names, snippets
-from dioproxy.cachedir import BLOB, MANIFEST, entry_path, references, scan, tags
 from dioproxy.config import ConfigError, load_config, parse_duration
-from dioproxy.index import last_use
 from dioproxy.manifests import INDEX_TYPES
 from dioproxy.names import ImageRef, check_digest
 from dioproxy.prefetch import blobs_of, platform_of, select_platforms
-from dioproxy.storage import read_manifest
+from dioproxy.storage.cachedir import BLOB, MANIFEST, entry_path, references, scan, tags
+from dioproxy.storage.disk import read_manifest
+from dioproxy.storage.index import last_use
 from dioproxy.upstream import MANIFEST_TYPES
 
 CHUNK = 1024 * 1024

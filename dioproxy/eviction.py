@@ -1,6 +1,6 @@
 """A size-bounded cache: least-recently-used eviction of blobs and manifests past ``cache.max_size``.
 
-- Sizes and last-use times live in the cache index (:mod:`dioproxy.index`, SQLite, shared by every process on
+- Sizes and last-use times live in the cache index (:mod:`dioproxy.storage.index`, SQLite, shared by every process on
   the directory), touched only from the ``index`` thread. A hit costs a dict entry here: stored entries and last
   uses are written in batches, before each check (every second) and at shutdown.
 - The start-up scan and the hourly rescan reconcile the directory with the index in the background, one slice
@@ -25,10 +25,10 @@ from typing import Any, Callable
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from dioproxy.cachedir import BLOB, KINDS, LASTUSE_FILE, MANIFEST, entry_path, listing, load_lastuse, slices
-from dioproxy.index import CacheIndex, index_path
 from dioproxy.pools import PoolTimeout
-from dioproxy.storage import DiskStorage
+from dioproxy.storage.cachedir import BLOB, KINDS, LASTUSE_FILE, MANIFEST, entry_path, load_lastuse, slices
+from dioproxy.storage.disk import DiskStorage, listing
+from dioproxy.storage.index import CacheIndex, index_path
 
 log = Logger()
 
@@ -256,7 +256,7 @@ class CacheBound:
             if self._stopped:
                 return
             listed_at = self.clock()
-            found = await self.pools.disk.run(listing, directory, kind, prefix)
+            found = await self.pools.disk.run(listing, directory, prefix)
             more, gone = await self._write(
                 index, CacheIndex.reconcile, kind, prefix, found, listed_at, old[kind], set(self._leaving)
             )

@@ -23,7 +23,7 @@ from twisted.web import client as webclient
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
 from dioproxy.pools import BlockingPool
 from dioproxy.routing import Target
-from dioproxy.storage import DiskStorage
+from dioproxy.storage.disk import DiskStorage
 from dioproxy.upstream import UpstreamClient, abandon, header
 
 log = Logger()
@@ -85,6 +85,10 @@ class Fill:
             await self.wait()
         if self.failure:
             self.failure.raiseException()
+
+    def open(self) -> int:
+        """A read descriptor on the growing file (FileNotFoundError once it was committed)."""
+        return os.open(self.path, os.O_RDONLY)
 
     def readable(self) -> int:
         """How many bytes a reader may have right now."""
@@ -200,21 +204,17 @@ class _FillRunner:
         await self.disk.run(os.fsync, self.fd)
         if self.verified is not None:
             await self.verified(fill.target, fill.digest)  # before the blob appears: no process may find it unrecorded
-        self.storage.commit_blob(fill.path, fill.digest)
+        await self.storage.commit(fill.path, fill.digest)
 
     async def _check_space(self, size: int) -> None:
         """Make room on the disk for a fill (least recently used entries go), or refuse it: the clients then
         stream the blob through uncached."""
-        needed = size + 1024 * 1024 - self._free()
+        needed = size + 1024 * 1024 - self.storage.free_bytes()
         if needed > 0 and self.make_room is not None:
             await self.make_room(needed)
-            needed = size + 1024 * 1024 - self._free()
+            needed = size + 1024 * 1024 - self.storage.free_bytes()
         if needed > 0:
             raise DiskFull(f"{size} bytes do not fit on the cache disk")
-
-    def _free(self) -> int:
-        stat = os.statvfs(self.storage.tmp)
-        return stat.f_bavail * stat.f_frsize
 
     def _check_response(self, response: Any) -> int:
         """Learn the size from the first answer; on a resume, how many bytes to skip. Raises on errors."""

@@ -26,7 +26,7 @@ from dioproxy.names import is_digest
 from dioproxy.private import PrivateContent
 from dioproxy.routing import Target
 from dioproxy.singleflight import SingleFlight
-from dioproxy.storage import DiskStorage, TagEntry
+from dioproxy.storage.base import MetadataStore, TagEntry
 from dioproxy.upstream import MANIFEST_TYPES, UpstreamClient, discard, header, read_limited
 
 log = Logger()
@@ -65,7 +65,7 @@ def media_type_of(body: bytes, declared: str | None) -> str:
 class ManifestStore:
     """Manifest bytes by digest: a bounded in-memory LRU in front of the disk."""
 
-    def __init__(self, storage: DiskStorage | None, memory_budget: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, storage: MetadataStore | None, memory_budget: int = 64 * 1024 * 1024) -> None:
         self.storage = storage
         self.budget = memory_budget
         self._lru: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
@@ -109,7 +109,7 @@ class TagIndex:
 
     MEMORY = 100_000
 
-    def __init__(self, storage: DiskStorage | None) -> None:
+    def __init__(self, storage: MetadataStore | None) -> None:
         self.storage = storage
         self._entries: OrderedDict[tuple[str, str, str], TagEntry] = OrderedDict()
 

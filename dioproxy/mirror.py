@@ -1,4 +1,5 @@
-"""The mirror as plain objects, free of HTTP: config, upstream clients, cache stores, fills.
+"""The mirror as plain objects, free of HTTP: config, upstream clients, cache stores, fills, the blob and manifest
+services.
 
 Resources translate HTTP into calls on a :class:`Mirror`; tests can build one around a fake upstream.
 """
@@ -13,6 +14,7 @@ from treq.client import HTTPClient
 from twisted.internet import defer
 
 from dioproxy.auth import Gate, Htpasswd, Tokens
+from dioproxy.blobs import Blobs
 from dioproxy.budget import PullBudget
 from dioproxy.config import Config, Upstream
 from dioproxy.egress import make_public_http_client
@@ -88,6 +90,7 @@ class Mirror:
             negative_ttl=config.negative_ttl,
             on_stale=self.metrics.stale_answer,
         )
+        self.blobs = Blobs(self.storage, self.fills, self.cache, self.private, self.client)
         self._made_secret: str | None = None
         self.reloaders.append(self._reconfigure_outages)
         self.apply_security(config)

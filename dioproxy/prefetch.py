@@ -21,12 +21,12 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from dioproxy.cachedir import BLOB, MANIFEST
 from dioproxy.config import Config, PrefetchImage
 from dioproxy.errors import RegistryError, UpstreamError
 from dioproxy.fill import DiskFull, FillFailed
 from dioproxy.manifests import INDEX_TYPES
 from dioproxy.names import DIGEST_RE
+from dioproxy.storage.cachedir import BLOB, MANIFEST
 
 log = Logger()
 

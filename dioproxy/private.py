@@ -15,14 +15,14 @@ and a public cache hit costs one failed ``open`` (about 2 us).
 from __future__ import annotations
 
 import json
-import os
 from typing import Callable
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from dioproxy.errors import blob_unknown, manifest_unknown
 from dioproxy.routing import Target
-from dioproxy.storage import DiskStorage
+from dioproxy.storage.base import Store
 from dioproxy.upstream import MANIFEST_TYPES, UpstreamClient, discard
 
 log = Logger()
@@ -37,17 +37,14 @@ def repository(target: Target) -> str:
 
 
 class PrivateContent:
-    def __init__(self, storage: DiskStorage, client_for: Callable[[Target], UpstreamClient]) -> None:
+    def __init__(self, storage: Store, client_for: Callable[[Target], UpstreamClient]) -> None:
         self.storage = storage
         self.client_for = client_for
-
-    def _path(self, digest: str) -> str:
-        return os.path.join(self.storage.root, "private", digest.split(":", 1)[1])
 
     def seen(self, digest: str) -> set[str] | None:
         """Where a credentialed digest was seen; None for content that came without credentials (no record)."""
         try:
-            data = self.storage.read_small(self._path(digest))  # a record still being written counts too
+            data = self.storage.read_record(digest)  # a record still being written counts too
         except OSError as e:
             log.warn("private record of {digest} unreadable ({e}): treated as private", digest=digest, e=e)
             return set()
@@ -77,7 +74,7 @@ class PrivateContent:
         if repository(target) in repositories:
             return
         repositories.add(repository(target))
-        if not await self.storage.write_small(self._path(digest), json.dumps(sorted(repositories)).encode()):
+        if not await self.storage.write_record(digest, json.dumps(sorted(repositories)).encode()):
             raise OSError(f"cannot write the private record of {digest}")
 
     async def check(self, target: Target, digest: str, kind: str, credentialed: bool = False) -> None:
@@ -103,9 +100,10 @@ class PrivateContent:
         except OSError as e:  # the upstream said yes: serve; the next request asks it again
             log.warn("cannot record where {digest} was seen: {e}", digest=digest, e=e)
 
-    def evicted(self, kind: str, digest: str) -> None:
+    def evicted(self, kind: str, digest: str) -> defer.Deferred:
         """``CacheBound.on_evict``: the record goes with the last cached copy of its content."""
-        storage = self.storage
-        if storage.blob_size(digest) is not None or os.path.exists(storage.manifest_path(digest)):
-            return
-        self.storage.delete_small(self._path(digest))
+        return self.storage.size(digest).addCallback(self._forget, digest)
+
+    def _forget(self, size: int | None, digest: str) -> None:
+        if size is None and not self.storage.has_manifest(digest):
+            self.storage.delete_record(digest)

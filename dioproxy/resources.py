@@ -1,6 +1,7 @@
 """The twisted.web tree: ``/v2/`` → repository name → manifests | blobs | tags | referrers; ``/token``; ``/healthz``.
 
-Resources stay thin: parse the request, call the :class:`~dioproxy.mirror.Mirror`, write headers and bytes.
+Resources stay thin: parse the request, call the :class:`~dioproxy.mirror.Mirror`, write headers and bytes (a
+blob's through the responder its :class:`~dioproxy.blobs.Blobs` service picked).
 Every failure becomes a registry JSON error; nothing a client sends can produce a traceback.
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from typing import Any
 from urllib.parse import urlencode
@@ -20,17 +20,16 @@ from twisted.web import resource, server
 
 from dioproxy import status, statuspage
 from dioproxy.auth import SERVICE, scope_repositories
-from dioproxy.errors import RegistryError, UpstreamError, blob_unknown, unsupported
-from dioproxy.fill import DiskFull, Fill
+from dioproxy.blobs import BlobAsk
+from dioproxy.errors import RegistryError, UpstreamError, unsupported
+from dioproxy.headers import not_modified, request_header
 from dioproxy.manifests import INDEX_TYPES
 from dioproxy.metrics import MetricsPage
 from dioproxy.mirror import Mirror
 from dioproxy.names import check_digest, check_reference, is_digest
-from dioproxy.private import repository
 from dioproxy.routing import Target
 from dioproxy.site import client_address
-from dioproxy.streaming import UpstreamPipe, parse_range, stream_file
-from dioproxy.upstream import abandon, discard, header, read_limited
+from dioproxy.upstream import discard, header, read_limited
 
 log = Logger()
 
@@ -47,24 +46,8 @@ def arg(request: server.Request, name: str) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
-def request_header(request: server.Request, name: str) -> str | None:
-    value = request.getHeader(name)
-    return value.decode("latin-1") if isinstance(value, bytes) else value
-
-
 #: What a proxy in front says about our URL; believed only from ``rate_limit.trusted_proxies`` (see ``Root``).
 FORWARDED_URL_HEADERS = ("X-Forwarded-Proto", "X-Forwarded-Host")
-
-
-def not_modified(request: server.Request) -> bool:
-    """Whether the client's ``If-None-Match`` matches the ETag set on this response (RFC 9110 13.1.2): ``*``, or
-    any tag of its list, a weak ``W/"..."`` one too (If-None-Match compares weakly)."""
-    condition = request_header(request, "If-None-Match")
-    ours = request.responseHeaders.getRawHeaders("ETag")
-    if not condition or not ours:
-        return False
-    tags = {tag.strip().removeprefix("W/") for tag in condition.split(",")}
-    return "*" in tags or ours[0] in tags
 
 
 def base_url(request: server.Request) -> str:
@@ -220,151 +203,19 @@ class Blobs(Endpoint):
     async def handle(self, request: server.Request, head: bool) -> None:
         target = self.target(request)
         digest = check_digest(self.argument)
-        mirror = self.mirror
         request.setHeader("Docker-Content-Digest", digest)
         request.setHeader("ETag", f'"{digest}"')
-        if mirror.storage is None:
-            return await self._pass_through(request, target, digest, head)
-        mirror.cache.reading(digest, request)  # last use; never evicted while this request reads it
-        size = mirror.storage.blob_size(digest)
-        if size is not None:
-            await mirror.private.check(target, digest, "blobs")
-            request.dioproxy_outcome = "hit"
-            if self._accel(request, digest, head):
-                return None
-            return self._send_file(request, mirror.storage.blob_path(digest), size, head, None)
+        accel = self.mirror.config.accel_redirect  # nginx offers to send a cached file itself
+        offered = not head and request_header(request, "X-Dioproxy-Accel") == "on" and not not_modified(request)
+        ask = BlobAsk(target, digest, head, request_header(request, "Range"), accel if offered else None, request)
         try:
-            fill = await self._fill(target, digest, head)
-        except DiskFull:
-            fill = None
-        if fill is None:
-            return await self._pass_through(request, target, digest, head)
-        request.dioproxy_outcome = "miss"
+            responder = await self.mirror.blobs.respond(ask)
+        finally:
+            if ask.outcome is not None:
+                request.dioproxy_outcome = ask.outcome
         if request._disconnected:
-            return
-        try:
-            path = fill.path if not fill.done else mirror.storage.blob_path(digest)
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # the fill was committed between ready() and open()
-            fd = os.open(mirror.storage.blob_path(digest), os.O_RDONLY)
-        self._send_file(request, fd, fill.size, head, None if fill.done else fill)
-
-    async def _fill(self, target: Target, digest: str, head: bool) -> Fill | None:
-        """The fill this request reads, once the upstream answered and ``target`` may read it; None for a HEAD
-        when no fill is under way (a HEAD starts none).
-
-        A fill runs with its first requester's repository. A follower through another repository waits until
-        the upstream confirmed that one holds the blob too (content fetched with credentials has no record yet);
-        and when the upstream does not have the blob where the fill asked, the follower asks under its own name.
-        """
-        mirror = self.mirror
-        key = repository(target)
-        while True:
-            fill = mirror.fills.get(digest) if head else mirror.fills.start(digest, mirror.client(target), target)
-            if fill is None:
-                return None
-            theirs = repository(fill.target) != key
-            if theirs:
-                credentialed = fill.target.upstream.credentials is not None
-                await mirror.private.check(target, digest, "blobs", credentialed)
-            try:
-                await fill.ready()
-                return fill
-            except RegistryError as e:
-                if not theirs or e.code != "BLOB_UNKNOWN":
-                    raise
-                # Retried at once, in the turn the fill failed: nothing else can start one in between.
-
-    def _accel(self, request: server.Request, digest: str, head: bool) -> bool:
-        """Behind nginx (``cache.accel_redirect``, and nginx saying ``X-Dioproxy-Accel: on``), let nginx send the
-        cached file itself with ``X-Accel-Redirect``: sendfile, Range and slow clients become its business."""
-        prefix = self.mirror.config.accel_redirect
-        if head or not prefix or request_header(request, "X-Dioproxy-Accel") != "on" or not_modified(request):
-            return False
-        hexdigest = digest.split(":", 1)[1]
-        request.setHeader("X-Accel-Redirect", f"{prefix}{hexdigest[:2]}/{hexdigest}")
-        request.setHeader("Content-Type", "application/octet-stream")
-        request.setHeader("Content-Length", "0")
-        request.finish()
-        return True
-
-    def _send_file(self, request: server.Request, source: str | int, size: int | None, head: bool, fill: Any) -> None:
-        if not_modified(request):
-            request.setResponseCode(304)
-            return _finish_quietly(request, source)
-        request.setHeader("Content-Type", "application/octet-stream")
-        request.setHeader("Accept-Ranges", "bytes")
-        start, end = 0, size
-        if size is not None:
-            wanted = parse_range(request_header(request, "Range"), size)
-            if wanted is False:
-                request.setResponseCode(416)
-                request.setHeader("Content-Range", f"bytes */{size}")
-                request.setHeader("Content-Length", "0")
-                return _finish_quietly(request, source)
-            if wanted:
-                start, end = wanted
-                request.setResponseCode(206)
-                request.setHeader("Content-Range", f"bytes {start}-{end - 1}/{size}")
-            request.setHeader("Content-Length", str(end - start))
-        if head:
-            return _finish_quietly(request, source)
-        stream_file(request, source, start, end, fill)
-
-    async def _pass_through(self, request: server.Request, target: Target, digest: str, head: bool) -> None:
-        """No cache: the upstream body producer is piped straight into the request, backpressure included.
-
-        A HEAD asks the upstream for the first byte only: the size is in ``Content-Range`` and no blob is sent.
-        """
-        request.dioproxy_outcome = "pass"
-        wanted = "bytes=0-0" if head else request_header(request, "Range")
-        path = f"/v2/{target.name}/blobs/{digest}"
-        response = await self.mirror.client(target).request(
-            "GET", path, target.name, {"Range": wanted} if wanted else {}
-        )
-        if response.code == 404:
-            await discard(response)
-            raise blob_unknown(digest)
-        if response.code not in (200, 206, 416):
-            await discard(response)
-            raise UpstreamError(target.registry, f"HTTP {response.code} for blob {digest}", response.code)
-        if not_modified(request):  # the upstream has it: the client's copy is current
-            abandon(response)
-            request.setResponseCode(304)
-            request.finish()
-            return
-        request.setHeader("Content-Type", "application/octet-stream")
-        request.setHeader("Accept-Ranges", "bytes")
-        content_range = header(response, "Content-Range")
-        if head:
-            abandon(response)
-            size = response.length if response.code == 200 else _range_total(content_range)
-            if size is not None:
-                request.setHeader("Content-Length", str(size))
-            request.finish()
-            return
-        request.setResponseCode(response.code)
-        if content_range:
-            request.setHeader("Content-Range", content_range)
-        if isinstance(response.length, int):
-            request.setHeader("Content-Length", str(response.length))
-        if response.code == 416:
-            await discard(response)
-            request.finish()
-            return
-        response.deliverBody(UpstreamPipe(request, digest if response.code == 200 else None))
-
-
-def _range_total(content_range: str | None) -> int | None:
-    """The size in ``bytes 0-0/N``, or in ``bytes */N`` (a 416: the empty blob answers ``Range: bytes=0-0`` so)."""
-    match = re.fullmatch(r"bytes (?:\d+-\d+|\*)/(\d+)", (content_range or "").strip())
-    return int(match.group(1)) if match else None
-
-
-def _finish_quietly(request: server.Request, source: str | int) -> None:
-    if isinstance(source, int):
-        os.close(source)
-    request.finish()
+            return responder.close()
+        await responder.send(request, head)
 
 
 class Tags(Endpoint):

@@ -16,8 +16,8 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from dioproxy import __version__, snippets
-from dioproxy.cachedir import BLOB
 from dioproxy.names import is_digest
+from dioproxy.storage.cachedir import BLOB
 
 MINUTES = 24 * 60
 #: Outcomes served from the cache, and those whose bytes came from an upstream (while filling, or piped through).

@@ -63,11 +63,9 @@ def _abort(request: Request) -> None:
 class FileStreamer:
     """Sends ``[start, end)`` of a file to a request; follows a :class:`Fill` while the file still grows."""
 
-    def __init__(
-        self, request: Request, source: str | int, start: int, end: int | None, fill: Fill | None = None
-    ) -> None:
+    def __init__(self, request: Request, fd: int, start: int, end: int | None, fill: Fill | None = None) -> None:
         self.request = request
-        self.fd = os.open(source, os.O_RDONLY) if isinstance(source, str) else source
+        self.fd = fd  # ours: closed when the body is done or the client left
         self.pos = start
         self.end = end
         self.fill = fill
@@ -135,7 +133,9 @@ class FileStreamer:
 
 
 class SendfileStreamer(FileStreamer):
-    """A complete cache file to a plain TCP client with ``os.sendfile``: the bytes never pass through Python.
+    """A local file to a plain TCP client with ``os.sendfile``: the bytes never pass through Python. Following a
+    growing fill, it sends only what the fill lets readers have (``readable()``: the tail is held back until the
+    digest matched) and waits for more.
 
     The body bypasses the transport's buffer, so it starts only once the headers have left, and while the socket
     is full we ask the transport to tell us when it is writable again (its ``doWrite`` resumes a paused producer
@@ -152,15 +152,18 @@ class SendfileStreamer(FileStreamer):
         self._pump()
 
     def _pump(self) -> None:
-        if self._paused or self._stopped:
+        if self._paused or self._stopped or self._waiting:
             return
+        if self.fill is not None and self.fill.failure is not None:
+            return self._close(abort=True)
         transport = self.transport
         if transport._tempDataLen or len(transport.dataBuffer) > transport.offset:
             return self._when_writable()  # headers still on their way
+        limit = self._limit()
         budget = self.TURN
-        while self.pos < self.end and budget > 0:
+        while self.pos < limit and budget > 0:
             try:
-                sent = os.sendfile(transport.fileno(), self.fd, self.pos, min(self.end - self.pos, budget))
+                sent = os.sendfile(transport.fileno(), self.fd, self.pos, min(limit - self.pos, budget))
             except BlockingIOError:
                 return self._when_writable()
             except OSError:  # the client went away
@@ -173,6 +176,10 @@ class SendfileStreamer(FileStreamer):
             budget -= sent
         if self.pos >= self.end:
             return self._close(abort=False)
+        if self.pos >= limit:  # caught up with the fill
+            self._waiting = True
+            self.fill.wait().addCallback(self._progress)
+            return
         self._when_writable()
 
     def _when_writable(self) -> None:
@@ -183,18 +190,18 @@ class SendfileStreamer(FileStreamer):
         self.request.channel.pauseProducing()
 
 
-def stream_file(request: Request, source: str | int, start: int, end: int | None, fill: Fill | None) -> None:
-    """Send a file range: by ``sendfile`` for a complete file on plain TCP, else through a push producer."""
+def stream_file(request: Request, fd: int, start: int, end: int | None, fill: Fill | None) -> None:
+    """Send a file range: by ``sendfile`` on plain TCP when its length is known (the body is not chunked), a
+    growing file's too; else through a push producer."""
     transport = request.channel.transport if request.channel else None
     plain_tcp = (
-        fill is None
-        and end is not None
+        end is not None
         and transport is not None
         and not interfaces.ISSLTransport.providedBy(transport)
         and hasattr(transport, "dataBuffer")
         and hasattr(os, "sendfile")
     )
-    (SendfileStreamer if plain_tcp else FileStreamer)(request, source, start, end, fill).start()
+    (SendfileStreamer if plain_tcp else FileStreamer)(request, fd, start, end, fill).start()
 
 
 class UpstreamPipe(protocol.Protocol):

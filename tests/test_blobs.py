@@ -9,7 +9,7 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 from twisted.web.client import ResponseFailed
 
-from dioproxy.cachedir import BLOB
+from dioproxy.storage.cachedir import BLOB
 from tests.harness import Proxy, eventually, start_upstream
 
 MB = 1024 * 1024

@@ -9,9 +9,9 @@ import threading
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
-from dioproxy.cachedir import BLOB
 from dioproxy.config import ConfigError, build_config
 from dioproxy.site import default_max_connections
+from dioproxy.storage.cachedir import BLOB
 from tests.harness import Proxy, ProxyProcess, eventually, start_upstream
 
 MB = 1024 * 1024

@@ -15,10 +15,10 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from bench.index_lag import ENTRY_SIZE, build, digest, entry_path
-from dioproxy.cachedir import BLOB, LASTUSE_FILE, MANIFEST, scan
 from dioproxy.eviction import CacheBound, IndexedStorage
-from dioproxy.index import CacheIndex, index_path, last_use
 from dioproxy.pools import Pools
+from dioproxy.storage.cachedir import BLOB, LASTUSE_FILE, MANIFEST, scan
+from dioproxy.storage.index import CacheIndex, index_path, last_use
 from tests.test_ops_eviction import KB, FakeRequest, digest_of, lru_keys
 from tests.test_ops_reload import eventually
 

@@ -10,11 +10,11 @@ import time
 from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 
-from dioproxy.cachedir import BLOB, MANIFEST
 from dioproxy.eviction import CacheBound, IndexedStorage
-from dioproxy.index import CacheIndex, last_use, remove_index
 from dioproxy.metrics import Metrics
 from dioproxy.pools import Pools
+from dioproxy.storage.cachedir import BLOB, MANIFEST
+from dioproxy.storage.index import CacheIndex, last_use, remove_index
 from tests.harness import Proxy, eventually, start_upstream
 from tests.test_ops_metrics import Puller, value
 

@@ -10,8 +10,8 @@ from twisted.internet import defer
 from twisted.trial import unittest
 from twisted.web.client import ResponseFailed
 
-from dioproxy import storage as storage_module
 from dioproxy.config import build_config
+from dioproxy.storage import disk as storage_module
 from tests.harness import Proxy, eventually, start_upstream
 
 

@@ -10,9 +10,9 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import ResponseFailed
 
-from dioproxy import storage as storage_module
 from dioproxy.pools import Pools
-from dioproxy.storage import DiskStorage
+from dioproxy.storage import disk as storage_module
+from dioproxy.storage.disk import DiskStorage
 from tests.harness import Proxy, start_upstream
 from tests.test_ops_metrics import value
 from tests.test_ops_reload import eventually

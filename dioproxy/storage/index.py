@@ -19,7 +19,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 
-from dioproxy.cachedir import KINDS, load_lastuse, scan
+from dioproxy.storage.cachedir import KINDS, load_lastuse, scan
 
 INDEX_FILE = "index.db"
 #: Bumped when the schema changes: an index of another version is dropped and rebuilt by the scan.

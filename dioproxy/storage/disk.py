@@ -1,10 +1,12 @@
-"""The cache on disk: content-addressed blobs and manifests, and tag entries.
+"""The cache on disk: content-addressed blobs and manifests, tag entries and private records; the disk
+implementation of :mod:`dioproxy.storage.base`'s blob and metadata stores.
 
 Layout under the cache directory::
 
     blobs/sha256/ab/<hex>          blob bytes, named by their digest
     manifests/sha256/<hex>         media type, a newline, then the manifest bytes
     repos/<registry>/<name>/_tags/<tag>   JSON tag entry ({"digest", "media_type", "size", "checked"})
+    private/<hex>                  JSON list of the repositories credentialed content was seen in
     tmp/                           fills in progress; emptied at start
 
 Every entry appears by ``rename`` of a complete, verified (and for small files fsynced) temp file, so a crash never
@@ -18,32 +20,34 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from dioproxy.pools import BlockingPool
+from dioproxy.storage.base import Listed, TagEntry
 
 log = Logger()
 
-
-@dataclass
-class TagEntry:
-    digest: str
-    media_type: str
-    size: int
-    checked: float
+_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
 
 
-def blob_path(root: str, digest: str) -> str:
+def blob_name(digest: str) -> str:
+    """Where a blob lies under ``blobs/sha256/`` (what an nginx location for ``X-Accel-Redirect`` aliases)."""
     hexdigest = _hex(digest)
-    return os.path.join(root, "blobs", "sha256", hexdigest[:2], hexdigest)
+    return f"{hexdigest[:2]}/{hexdigest}"
+
+
+def blob_path(root: str, digest: str) -> str:
+    return os.path.join(root, "blobs", "sha256", blob_name(digest))
 
 
 def manifest_path(root: str, digest: str) -> str:
@@ -96,8 +100,22 @@ def _replace(tmp: str, path: str, data: bytes | None) -> None:
         raise
 
 
+@dataclass
+class LocalBlob:
+    """A blob file open for reading (a :class:`~dioproxy.storage.base.BlobSource`)."""
+
+    fd: int
+    size: int
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class DiskStorage:
     """Paths and atomic writes; callers have already validated names and digests.
+
+    Besides the interfaces, the local tier's own calls (paths, temp files, answers in the same turn) are here
+    for what only makes sense on this machine: fills, sendfile, the command-line tools.
 
     Small files (manifests, tag entries, records) are written in ``pool`` (the disk pool: an fsync must never
     stall the reactor), one write at a time per path, the latest bytes winning; until a write is done, reads
@@ -150,6 +168,34 @@ class DiskStorage:
         os.rename(temp_path, final)
         return final
 
+    def free_bytes(self) -> int:
+        """Room left on the disk the fills write to."""
+        stat = os.statvfs(self.tmp)
+        return stat.f_bavail * stat.f_frsize
+
+    # BlobStore: a stat and an open cost microseconds, so they run on the reactor, as they always did.
+
+    def size(self, digest: str) -> defer.Deferred:
+        return defer.succeed(self.blob_size(digest))
+
+    def open(self, digest: str) -> defer.Deferred:
+        try:
+            fd = os.open(self.blob_path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return defer.succeed(None)
+        return defer.succeed(LocalBlob(fd, os.fstat(fd).st_size))
+
+    def commit(self, temp_path: str, digest: str) -> defer.Deferred:
+        self.commit_blob(temp_path, digest)
+        return defer.succeed(None)
+
+    def delete(self, digests: list[str]) -> defer.Deferred:
+        return self._run(_unlink_all, [self.blob_path(d) for d in digests])
+
+    def list(self, prefix: str) -> defer.Deferred:
+        directory = os.path.join(self.root, "blobs", "sha256", _hex(prefix)[:2])
+        return self._run(listing, directory, prefix)
+
     # -- manifests -----------------------------------------------------------------------------------------------
 
     def manifest_path(self, digest: str) -> str:
@@ -167,6 +213,15 @@ class DiskStorage:
 
     def write_manifest(self, digest: str, media_type: str, body: bytes) -> None:
         self.write_small(self.manifest_path(digest), media_type.encode() + b"\n" + body)
+
+    def has_manifest(self, digest: str) -> bool:
+        return os.path.exists(self.manifest_path(digest))
+
+    def delete_manifests(self, digests: list[str]) -> defer.Deferred:
+        return self._run(_unlink_all, [self.manifest_path(d) for d in digests])
+
+    def list_manifests(self, prefix: str) -> defer.Deferred:
+        return self._run(listing, os.path.join(self.root, "manifests", "sha256"), prefix)
 
     # -- tags ----------------------------------------------------------------------------------------------------
 
@@ -199,7 +254,7 @@ class DiskStorage:
         """Fires with the sorted tags we hold an entry for, entries still being written included: the directory is
         listed in the disk pool, the pending writes are merged here, on the reactor, where they change."""
         directory = self._tags_dir(registry, name)
-        listed = defer.maybeDeferred(_listdir, directory) if self.pool is None else self.pool.run(_listdir, directory)
+        listed = self._run(_listdir, directory)
 
         def merged(tags: set[str]) -> list[str]:
             for pending in (self._writing, self._queued):  # the queued write is the later one
@@ -212,6 +267,20 @@ class DiskStorage:
 
     def delete_tag(self, registry: str, name: str, tag: str) -> None:
         self.delete_small(self.tag_path(registry, name, tag))
+
+    # -- private records -----------------------------------------------------------------------------------------
+
+    def _record_path(self, digest: str) -> str:
+        return os.path.join(self.root, "private", _hex(digest))
+
+    def read_record(self, digest: str) -> bytes | None:
+        return self.read_small(self._record_path(digest))
+
+    def write_record(self, digest: str, data: bytes) -> defer.Deferred:
+        return self.write_small(self._record_path(digest), data)
+
+    def delete_record(self, digest: str) -> defer.Deferred:
+        return self.delete_small(self._record_path(digest))
 
     # -- small files ---------------------------------------------------------------------------------------------
 
@@ -243,6 +312,10 @@ class DiskStorage:
         d: defer.Deferred = defer.Deferred()
         self._settled.append(d)
         return d
+
+    def _run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Blocking work: in the disk pool, or at once without one."""
+        return defer.maybeDeferred(f, *args) if self.pool is None else self.pool.run(f, *args)
 
     def _write(self, path: str, data: bytes | None) -> defer.Deferred:
         if self.pool is None:
@@ -286,3 +359,36 @@ def _listdir(directory: str) -> set[str]:
         return set(os.listdir(directory))
     except FileNotFoundError:
         return set()
+
+
+def _unlink_all(paths: list[str]) -> list[str | None]:
+    """Per path: None (removed), "gone" (it was not there) or the error."""
+    errors: list[str | None] = []
+    for path in paths:
+        try:
+            os.unlink(path)
+            errors.append(None)
+        except FileNotFoundError:
+            errors.append("gone")
+        except OSError as e:
+            errors.append(str(e))
+    return errors
+
+
+def listing(directory: str, prefix: str = "sha256:") -> list[Listed]:
+    """The entries of one directory (files named by a sha256 digest) whose digest starts with ``prefix``."""
+    try:
+        items = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    found = []
+    for item in items:
+        digest = "sha256:" + item.name
+        if not _HEX.fullmatch(item.name) or not digest.startswith(prefix):
+            continue
+        try:
+            st = item.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        found.append((digest, st.st_size, st.st_mtime))
+    return found

@@ -1,7 +1,8 @@
 """Reading the cache directory as a whole: entries with sizes, slices of them for the index, tags.
 
 Plain blocking functions, no Twisted: the proxy runs them in its disk pool, the ``dioproxy`` admin command calls
-them directly. The layout itself belongs to :mod:`dioproxy.storage`, the last uses to :mod:`dioproxy.index`.
+them directly. The layout itself belongs to :mod:`dioproxy.storage.disk`, the last uses to
+:mod:`dioproxy.storage.index`.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from dioproxy.storage import TagEntry, blob_path, manifest_path
+from dioproxy.storage.base import TagEntry
+from dioproxy.storage.disk import blob_path, listing, manifest_path
 
 #: ``kind`` of an entry: blobs and manifests live in separate trees, a digest may be in both.
 BLOB, MANIFEST = "blob", "manifest"
 KINDS = (BLOB, MANIFEST)
 #: Last uses as versions before the index kept them (a JSON snapshot): read once into the index, then removed.
 LASTUSE_FILE = "lastuse.json"
-_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -47,18 +48,8 @@ def scan(root: str) -> Iterator[Entry]:
 
 
 def _files(directory: str, kind: str) -> Iterator[Entry]:
-    try:
-        entries = list(os.scandir(directory))
-    except FileNotFoundError:
-        return
-    for item in entries:
-        if not _HEX.fullmatch(item.name):
-            continue
-        try:
-            st = item.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        yield Entry(kind, "sha256:" + item.name, item.path, st.st_size, st.st_mtime)
+    for digest, size, mtime in listing(directory):
+        yield Entry(kind, digest, os.path.join(directory, digest.split(":", 1)[1]), size, mtime)
 
 
 def slices(root: str) -> list[tuple[str, str, str]]:
@@ -68,11 +59,6 @@ def slices(root: str) -> list[tuple[str, str, str]]:
     return [(MANIFEST, "sha256:", os.path.join(root, "manifests", "sha256"))] + [
         (BLOB, f"sha256:{i:02x}", os.path.join(blobs, f"{i:02x}")) for i in range(256)
     ]
-
-
-def listing(directory: str, kind: str, prefix: str) -> list[tuple[str, int, float]]:
-    """``(digest, size, mtime)`` of the entries in one slice."""
-    return [(e.digest, e.size, e.mtime) for e in _files(directory, kind) if e.digest.startswith(prefix)]
 
 
 def load_lastuse(root: str) -> dict[str, dict[str, float]]:

@@ -1,0 +1,136 @@
+"""Blobs: how a blob GET or HEAD is answered, free of HTTP (the resource translates; a responder sends).
+
+In order: a cached blob (after the private-content check), through nginx when it offers to send the file; else
+the one fill for the digest, followed while it grows; else (no cache, a full disk, a HEAD with no fill under
+way) the upstream's answer piped through uncached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
+from dioproxy.eviction import CacheBound
+from dioproxy.fill import DiskFull, Fill, FillManager
+from dioproxy.private import PrivateContent, repository
+from dioproxy.responders import AccelRedirect, CachedFile, GrowingFile, Responder, UpstreamAnswer
+from dioproxy.routing import Target
+from dioproxy.storage.disk import DiskStorage, blob_name
+from dioproxy.upstream import UpstreamClient, discard
+
+
+@dataclass
+class BlobAsk:
+    """One request for a blob, as the service needs it."""
+
+    target: Target
+    digest: str
+    head: bool
+    #: The client's ``Range``, for an upstream answer (a local file applies it itself).
+    range: str | None
+    #: nginx's location for ``X-Accel-Redirect`` when nginx offers to send a cached file, else None.
+    accel: str | None
+    #: Pins the blob against eviction while it lasts (the request: ``finished``, ``notifyFinish``).
+    reader: Any
+    #: hit | miss | pass, once decided (the access log's word for it, failures included).
+    outcome: str | None = None
+
+
+class Blobs:
+    """Decides between the cache, a fill and the upstream for each blob request; owns no bytes itself."""
+
+    def __init__(
+        self,
+        storage: DiskStorage | None,
+        fills: FillManager | None,
+        cache: CacheBound | None,
+        private: PrivateContent | None,
+        client_for: Callable[[Target], UpstreamClient],
+    ) -> None:
+        self.storage = storage  # the local tier; None: no cache at all
+        self.fills = fills
+        self.cache = cache
+        self.private = private
+        self.client_for = client_for
+
+    async def respond(self, ask: BlobAsk) -> Responder:
+        """The responder for ``ask``; raises a RegistryError / UpstreamError for an answer without a blob.
+
+        A remote store (issue 10's object store) slots in after the local miss in :meth:`_cached`: an
+        object-store stream responder for its source, or a redirect to a presigned URL.
+        """
+        if self.storage is None:
+            return await self._upstream(ask)
+        self.cache.reading(ask.digest, ask.reader)  # last use; never evicted while this request reads it
+        responder = await self._cached(ask)
+        if responder is not None:
+            return responder
+        try:
+            fill = await self._fill(ask.target, ask.digest, ask.head)
+        except DiskFull:
+            fill = None
+        if fill is None:
+            return await self._upstream(ask)
+        ask.outcome = "miss"
+        if not fill.done:
+            try:
+                return GrowingFile(fill.open(), fill)
+            except FileNotFoundError:  # the fill was committed between ready() and open()
+                pass
+        source = await self.storage.open(ask.digest)
+        if source is None:  # evicted the moment it was committed
+            raise blob_unknown(ask.digest)
+        return CachedFile(source)
+
+    async def _cached(self, ask: BlobAsk) -> Responder | None:
+        if await self.storage.size(ask.digest) is None:
+            return None
+        await self.private.check(ask.target, ask.digest, "blobs")
+        ask.outcome = "hit"
+        if ask.accel:
+            return AccelRedirect(ask.accel + blob_name(ask.digest))
+        source = await self.storage.open(ask.digest)
+        return CachedFile(source) if source is not None else None
+
+    async def _fill(self, target: Target, digest: str, head: bool) -> Fill | None:
+        """The fill this request reads, once the upstream answered and ``target`` may read it; None for a HEAD
+        when no fill is under way (a HEAD starts none).
+
+        A fill runs with its first requester's repository. A follower through another repository waits until
+        the upstream confirmed that one holds the blob too (content fetched with credentials has no record yet);
+        and when the upstream does not have the blob where the fill asked, the follower asks under its own name.
+        """
+        key = repository(target)
+        while True:
+            fill = self.fills.get(digest) if head else self.fills.start(digest, self.client_for(target), target)
+            if fill is None:
+                return None
+            theirs = repository(fill.target) != key
+            if theirs:
+                credentialed = fill.target.upstream.credentials is not None
+                await self.private.check(target, digest, "blobs", credentialed)
+            try:
+                await fill.ready()
+                return fill
+            except RegistryError as e:
+                if not theirs or e.code != "BLOB_UNKNOWN":
+                    raise
+                # Retried at once, in the turn the fill failed: nothing else can start one in between.
+
+    async def _upstream(self, ask: BlobAsk) -> Responder:
+        """No cache for this one: the upstream's answer. A HEAD asks for the first byte only: the size is in
+        ``Content-Range`` and no blob is sent."""
+        ask.outcome = "pass"
+        target, digest = ask.target, ask.digest
+        wanted = "bytes=0-0" if ask.head else ask.range
+        response = await self.client_for(target).request(
+            "GET", f"/v2/{target.name}/blobs/{digest}", target.name, {"Range": wanted} if wanted else {}
+        )
+        if response.code == 404:
+            await discard(response)
+            raise blob_unknown(digest)
+        if response.code not in (200, 206, 416):
+            await discard(response)
+            raise UpstreamError(target.registry, f"HTTP {response.code} for blob {digest}", response.code)
+        return UpstreamAnswer(response, digest)
