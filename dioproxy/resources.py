@@ -7,6 +7,7 @@ Every failure becomes a registry JSON error; nothing a client sends can produce 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
@@ -39,6 +40,8 @@ EMPTY_INDEX = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests
 MAX_LISTING = 16 * 1024 * 1024
 #: RFC 7234 5.5.1 (dropped by RFC 9111, still understood): what we answer from the cache while the upstream fails.
 STALE_WARNING = '110 - "Response is Stale"'
+#: For a passing shortage of ours (descriptors): the client may come back soon.
+RETRY_SOON = {"Retry-After": "5"}
 
 
 def arg(request: server.Request, name: str) -> str | None:
@@ -138,6 +141,12 @@ class Endpoint(resource.Resource):
         if isinstance(error, UpstreamError):
             log.warn("{method} {uri}: {why}", method=request.method, uri=request.uri, why=error)
             error = error.to_registry_error()
+        if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+            # Passing: the descriptors come back as other transfers end. Say so, as accept() does (channel.py).
+            log.warn("{method} {uri}: out of file descriptors ({e})", method=request.method, uri=request.uri, e=error)
+            error = RegistryError(
+                503, "UNAVAILABLE", "the mirror is out of file descriptors; try again shortly", headers=RETRY_SOON
+            )
         if not isinstance(error, RegistryError):
             log.failure("unexpected error on {uri}", failure, uri=request.uri)
             error = RegistryError(500, "UNKNOWN", "internal error; see the proxy's log")

@@ -1,5 +1,6 @@
 """Every wait has a deadline: upstream bodies, clients that stop reading, connection and descriptor limits."""
 
+import errno
 import json
 import os
 import socket
@@ -342,6 +343,32 @@ class DescriptorExhaustionTests(unittest.TestCase):
         self.assertGreater(codes.count(None), 0, "descriptors did run out")
         self.assertGreater(codes.count(200), 0)
         yield self.assert_serves_again(process, sockets)
+
+
+class DescriptorShortageTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_out_of_descriptors_opening_a_cached_blob_is_503_with_retry_after(self):
+        fake = start_upstream(self, require_auth=False)
+        data = os.urandom(1000)
+        digest = fake.add_blob(data)
+        proxy = Proxy(self, fake.registry_url)
+        response = yield proxy.get(f"/v2/library/hello/blobs/{digest}")
+        self.assertEqual((yield response.content()), data)
+        yield eventually(lambda: proxy.mirror.storage.blob_size(digest) is not None)
+        real = os.open
+
+        def short(path, *args, **kwargs):
+            if digest.split(":")[1] in str(path):
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real(path, *args, **kwargs)
+
+        self.patch(os, "open", short)
+        response = yield proxy.get(f"/v2/library/hello/blobs/{digest}")
+        body = yield response.json()
+        self.assertEqual(response.code, 503)
+        self.assertEqual(body["errors"][0]["code"], "UNAVAILABLE")
+        self.assertEqual(response.headers.getRawHeaders("Retry-After"), ["5"])
+        self.assertEqual(self.flushLoggedErrors(), [], "a passing shortage is no traceback")
 
 
 class DiskPoolTests(unittest.TestCase):
