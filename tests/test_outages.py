@@ -152,6 +152,7 @@ class BlackHoleTests(unittest.TestCase):
         self.assertEqual((response.code, body), (200, self.image.body))
         self.assertEqual(response.headers.getRawHeaders("Warning"), STALE)
         self.assertEqual(self.switch.accepted["hole"], 1, "a registry silent for a whole timeout was asked again")
+        print(f"\nblack hole from the start, timeouts.read 1 s: first answer (stale) after {first * 1000:.0f} ms")
         self.assertLess(first, 2.0)
         self.assertIsNotNone(self.proxy.mirror.health.snapshot()["docker.io"]["offline_until"])
 
@@ -194,6 +195,10 @@ class TokenServiceOutageTests(unittest.TestCase):
             response, body, seconds = yield self.timed("/v2/library/hello/manifests/1.0")
             self.assertEqual((response.code, body), (200, self.image.body))
             times.append(seconds)
+        print(
+            f"\ntoken service black hole, timeouts.read 1 s: first {first * 1000:.0f} ms; next five "
+            f"{', '.join(f'{t * 1000:.1f}' for t in times)} ms"
+        )
         self.assertLess(max(times), 0.5, "each request waited for the token service again")
 
         self.switch.set_mode("forward")
