@@ -224,6 +224,7 @@ class _FillRunner:
         if self.error is not None:
             raise FillFailed(str(self.error)) from self.error
         if not writer.reason.check(webclient.ResponseDone) or fill.written != size:
+            self.bucket.read_failed(writer.reason.value)
             log.warn(
                 "object store body of {digest} broke off at {n} bytes; going on from the upstream",
                 digest=fill.digest,

@@ -10,11 +10,13 @@ import os
 import tempfile
 import time
 
+import treq
 import yaml
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 from twisted.web.client import ResponseFailed
 
+from dioproxy.fill import HOLD_BACK
 from dioproxy.objectstore import StoreConfigError, blob_key, manifest_key
 from dioproxy.storage.bucket import record_key, tag_key
 from tests import seaweed
@@ -132,11 +134,15 @@ class SharedTierTests(_TierTest):
 
         self.fake.clear_requests()
         second = self.mirror()
+        received = []
         try:
             response = yield second.get(path)
-            body = yield response.content()
+            yield treq.collect(response, received.append)
+            body = b"".join(received)
         except ResponseFailed:
             body = None
+        self.assertIsNone(body, "the connection was not aborted")
+        self.assertLessEqual(sum(map(len, received)), len(data) - HOLD_BACK, "the held-back tail reached the client")
         self.assertNotEqual(body, data, "a damaged object was delivered whole")
         self.assertEqual(self.fake.count("cdn", "GET", digest), 0, "the damaged fill came from the bucket")
         self.assertFalse(os.path.exists(second.blob_file(digest)), "a damaged blob was stored")

@@ -87,7 +87,7 @@ class Bucket:
         self.down_until = 0.0
         self.reconciled = False  # the first reconcile is done: the queue knows every entry the bucket lacks
         self._queued: dict[Job, Callable[[], Awaitable[None]]] = {}  # waiting or under way, in order
-        self._running: set[Job] = set()
+        self._running: dict[Job, defer.Deferred] = {}
         self._retries: dict[Job, int] = {}
         self._timers: dict[Job, Any] = {}
         self._idle: list[defer.Deferred] = []
@@ -124,6 +124,8 @@ class Bucket:
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
+        for upload in list(self._running.values()):
+            upload.cancel()
         return self.store.stop()
 
     def up(self) -> bool:
@@ -152,7 +154,15 @@ class Bucket:
 
     def read_blob(self, digest: str, start: int) -> defer.Deferred:
         """The unread response for the blob from ``start`` (an error if the store fails: the caller goes on)."""
-        return self.store.get(blob_key(digest), start)
+        return self.store.get(blob_key(digest), start).addErrback(self._read_failed)
+
+    def _read_failed(self, failure: Failure) -> Failure:
+        self.read_failed(failure.value)
+        return failure
+
+    def read_failed(self, why: Exception) -> None:
+        """A read of the store broke (a body cut or stalled): leave the store alone for a while."""
+        self._mark_down(why)
 
     async def record(self, digest: str) -> tuple[bool, set[str] | None]:
         """``(answered, repositories)``: the bucket's private record of a digest (None: there is none, public).
@@ -274,13 +284,14 @@ class Bucket:
         self._pump()
 
     def _pump(self) -> None:
+        if self._stopped:
+            return
         for job, upload in list(self._queued.items()):
             if len(self._running) >= UPLOADS:
                 return
             if job in self._running or job in self._timers:
                 continue
-            self._running.add(job)
-            d = defer.ensureDeferred(upload())
+            d = self._running[job] = defer.ensureDeferred(upload())
             d.addTimeout(self._deadline(job), self.reactor)
             d.addBoth(self._uploaded, job)
 
@@ -291,7 +302,7 @@ class Bucket:
         return ATTEMPT_BASE + size / ATTEMPT_RATE
 
     def _uploaded(self, result: Any, job: Job) -> None:
-        self._running.discard(job)
+        self._running.pop(job, None)
         if isinstance(result, Failure) and not result.check(FileNotFoundError) and not self._stopped:
             tries = self._retries[job] = self._retries.get(job, 0) + 1
             wait = min(RETRY_CAP, self.retry_first * 2 ** (tries - 1)) * random.uniform(0.8, 1.2)
