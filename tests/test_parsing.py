@@ -77,6 +77,85 @@ class ConfigTests(unittest.TestCase):
         self.assertRaises(ConfigError, parse_duration, True, "k")
 
 
+class StorageConfigTests(unittest.TestCase):
+    """``storage.s3``: the object store behind the cache dir (dioproxy/objectstore.py)."""
+
+    def s3(self, environ=None, **spec):
+        return build_config({"storage": {"s3": spec}}, environ=environ or {}).storage.s3
+
+    def test_defaults(self):
+        self.assertIsNone(build_config(environ={}).storage.s3)
+        s3 = self.s3(bucket="cache")
+        self.assertEqual((s3.bucket, s3.endpoint, s3.region, s3.prefix), ("cache", None, "us-east-1", ""))
+        self.assertEqual((s3.access_key, s3.secret_key, s3.redirect, s3.redirect_ttl), (None, None, False, 300))
+
+    def test_values(self):
+        s3 = self.s3(
+            bucket="my.cache-1",
+            endpoint="http://127.0.0.1:8333/",
+            region="eu-central-1",
+            prefix="a/b",
+            access_key="AK",
+            secret_key="very-secret",
+            redirect=True,
+            redirect_ttl="90s",
+        )
+        self.assertEqual((s3.endpoint, s3.region, s3.prefix), ("http://127.0.0.1:8333", "eu-central-1", "a/b/"))
+        self.assertEqual((s3.access_key, s3.secret_key, s3.redirect, s3.redirect_ttl), ("AK", "very-secret", True, 90))
+        self.assertNotIn(
+            "very-secret",
+            repr(
+                build_config(
+                    {"storage": {"s3": {"bucket": "abc", "access_key": "AK", "secret_key": "very-secret"}}}, environ={}
+                )
+            ),
+        )
+
+    def test_credentials_from_files_and_environment(self):
+        ak, sk = self.mktemp(), self.mktemp()
+        with open(ak, "w") as f:
+            f.write("AK-FILE\n")
+        with open(sk, "w") as f:
+            f.write("SK-FILE\nignored\n")
+        s3 = self.s3(bucket="abc", access_key_file=ak, secret_key_file=sk)
+        self.assertEqual((s3.access_key, s3.secret_key), ("AK-FILE", "SK-FILE"))
+        env = {"AWS_ACCESS_KEY_ID": "AK-ENV", "AWS_SECRET_ACCESS_KEY": "SK-ENV"}
+        s3 = self.s3(env, bucket="abc")
+        self.assertEqual((s3.access_key, s3.secret_key), ("AK-ENV", "SK-ENV"))
+        s3 = self.s3(env, bucket="abc", access_key="AK", secret_key="SK")
+        self.assertEqual((s3.access_key, s3.secret_key), ("AK", "SK"), "the config file wins over the environment")
+
+    def test_bad_values_name_the_key(self):
+        missing = self.mktemp()
+        cases = [
+            ({}, "storage.s3.bucket: missing"),
+            ({"bucket": "A_B"}, "storage.s3.bucket"),
+            ({"bucket": "ab"}, "storage.s3.bucket"),
+            ({"bucket": ["abc"]}, "storage.s3.bucket"),
+            ({"bucket": "abc", "endpoint": "s3.lan:8333"}, "storage.s3.endpoint"),
+            ({"bucket": "abc", "region": "EU Central"}, "storage.s3.region"),
+            ({"bucket": "abc", "prefix": "/abs"}, "storage.s3.prefix"),
+            ({"bucket": "abc", "prefix": 7}, "storage.s3.prefix"),
+            ({"bucket": "abc", "access_key": "AK"}, "storage.s3: access_key and secret_key go together"),
+            ({"bucket": "abc", "access_key": "AK", "secret_key": ""}, "storage.s3.secret_key"),
+            ({"bucket": "abc", "access_key": "A", "access_key_file": "f", "secret_key": "S"}, "storage.s3.access_key"),
+            ({"bucket": "abc", "access_key": "A", "secret_key_file": missing}, "storage.s3.secret_key_file"),
+            ({"bucket": "abc", "redirect": "yes"}, "storage.s3.redirect"),
+            ({"bucket": "abc", "redirect_ttl": "soon"}, "storage.s3.redirect_ttl"),
+            ({"bucket": "abc", "redirect_ttl": "8d"}, "storage.s3.redirect_ttl"),
+            ({"bucket": "abc", "redirect_ttl": 0}, "storage.s3.redirect_ttl"),
+            ({"bucket": "abc", "secret": "x"}, "storage.s3.secret"),
+        ]
+        for spec, key in cases:
+            with self.assertRaises(ConfigError, msg=repr(spec)) as caught:
+                self.s3(**spec)
+            self.assertIn(key, str(caught.exception))
+        for data, key in [({"storage": {"gcs": {}}}, "storage.gcs"), ({"storage": ["s3"]}, "storage")]:
+            with self.assertRaises(ConfigError) as caught:
+                build_config(data, environ={})
+            self.assertIn(key, str(caught.exception))
+
+
 class RoutingTests(unittest.TestCase):
     def setUp(self):
         self.config = build_config({"hosts": {"ghcr.mirror.example": "ghcr.io"}})
@@ -212,3 +291,4 @@ class DocumentedConfigTests(unittest.TestCase):
         self.assertEqual(config.cache_max_size, 50 * 10**9)
         self.assertEqual(config.security.access["docker.io"].deny, ("myorg/secret-*",))
         self.assertEqual(config.accel_redirect, "/_dioproxy/blobs/")
+        self.assertEqual((config.storage.s3.bucket, config.storage.s3.prefix), ("dioproxy", "mirror/"))
