@@ -100,6 +100,8 @@ class Blobs:
         A fill runs with its first requester's repository. A follower through another repository waits until
         the upstream confirmed that one holds the blob too (content fetched with credentials has no record yet);
         and when the upstream does not have the blob where the fill asked, the follower asks under its own name.
+        A fill from the shared tier's bucket copies the bucket's private record to the local tier before it
+        answers, so such a follower is checked again once it did.
         """
         key = repository(target)
         while True:
@@ -112,6 +114,8 @@ class Blobs:
                 await self.private.check(target, digest, "blobs", credentialed)
             try:
                 await fill.ready()
+                if theirs and fill.source == "bucket":
+                    await self.private.check(target, digest, "blobs")
                 return fill
             except RegistryError as e:
                 if not theirs or e.code != "BLOB_UNKNOWN":

@@ -12,6 +12,8 @@
   in one transaction; their files are deleted in the ``disk`` pool. An entry being read here (a client streaming
   that blob) is pinned and never evicted; pins are per process. A blob being filled is not an entry yet.
 - ``cache.max_age``: entries not read for that long are removed too.
+- With the shared tier (``storage.s3``), ``held`` names the entries not uploaded yet: they stay, like pinned
+  ones; while it answers None (it does not know yet: its first reconcile is not done) nothing is evicted.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ class CacheBound:
         self._stopped = False
         #: ``f(kind, digest)`` after an entry was evicted, for state kept about it elsewhere (private records).
         self.on_evict: list[Callable[[str, str], None]] = []
+        #: Entries that must stay whatever the bound says; None: all of them, for now.
+        self.held: Callable[[], set[Key] | None] = set
         storage.on_store = self.added
 
     # -- life ------------------------------------------------------------------------------------------------
@@ -326,7 +330,8 @@ class CacheBound:
         return False
 
     def _pinned(self) -> set[Key]:
-        return {key for key in list(self.pins) if self.pinned(key)}
+        """Entries eviction must leave: read now, or held (not in the bucket yet)."""
+        return {key for key in list(self.pins) if self.pinned(key)} | (self.held() or set())
 
     def request_done(self, request: Any) -> None:
         """A manifest was served: its digest is in the response headers (tags too, and 304s)."""
@@ -350,7 +355,7 @@ class CacheBound:
     def check(self) -> None:
         """Write the batched changes, then evict what max_age and the bound ask for (one slice; the next
         follows at once if there is more)."""
-        if not self.ready or self.index is None:
+        if not self.ready or self.index is None or self.held() is None:
             return
         if self._checking:
             self._check_again = True
@@ -384,7 +389,7 @@ class CacheBound:
 
     async def _make_room(self, nbytes: int) -> None:
         freed = 0
-        while freed < nbytes and self.index is not None:
+        while freed < nbytes and self.index is not None and self.held() is not None:
             victims, _ = await self._write(
                 self.index, CacheIndex.claim, self._pinned(), SLICE, None, None, nbytes - freed
             )

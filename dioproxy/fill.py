@@ -4,6 +4,11 @@ The fill never waits for a reader, so a slow client cannot slow the download, an
 blob's size. Readers may only read up to ``readable()``, which holds back the tail of the blob until its digest
 is confirmed: no client ever receives a complete body whose digest is wrong. On a mismatch the fill fails,
 the temp file is removed and every reader's connection is aborted.
+
+Sources, in order: the shared tier's bucket (:mod:`dioproxy.storage.bucket`) when it has the blob and may serve
+it to the fill's repository, then the upstream. Both write through the same append, sha256 and hold-back; a bucket
+read that breaks off goes on from the upstream with ``Range`` at the offset written (the resume path). A mismatch
+on bytes that came from the bucket deletes its object, so the next fill asks the upstream and uploads good bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from twisted.web import client as webclient
 
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
 from dioproxy.pools import BlockingPool
+from dioproxy.private import repository
 from dioproxy.routing import Target
+from dioproxy.storage.bucket import Bucket
+from dioproxy.storage.cachedir import BLOB
 from dioproxy.storage.disk import DiskStorage
 from dioproxy.upstream import UpstreamClient, abandon, header
 
@@ -77,6 +85,7 @@ class Fill:
         self.done = False
         self.failure: Failure | None = None
         self.answered = False  # the upstream answered 200/206: ``size`` is known (or known to be unknown)
+        self.source = "upstream"  # or "bucket": the shared tier answered first
         self._waiters: list[defer.Deferred] = []
 
     async def ready(self) -> None:
@@ -153,8 +162,10 @@ class _FillRunner:
         self.disk = manager.disk
         self.make_room = manager.make_room
         self.verified = manager.verified
+        self.bucket = manager.bucket
         self.sha = hashlib.sha256()
         self.error: Exception | None = None
+        self.from_bucket = 0  # bytes the bucket gave
 
     def append(self, data: bytes) -> None:
         fill = self.fill
@@ -166,6 +177,61 @@ class _FillRunner:
         fill._notify()
 
     async def run(self) -> None:
+        fill = self.fill
+        if self.bucket is not None:
+            await self._from_bucket()
+        if fill.size is None or fill.written < fill.size:
+            await self._from_upstream()
+        got = "sha256:" + self.sha.hexdigest()
+        if got != fill.digest:
+            if self.from_bucket:
+                log.warn("blob {digest} in the object store is damaged: deleting it", digest=fill.digest)
+                self.bucket.discard(BLOB, fill.digest)
+            raise FillFailed(f"sources sent bytes with digest {got}, not {fill.digest}")
+        await self.disk.run(os.fsync, self.fd)
+        if self.verified is not None:
+            await self.verified(fill.target, fill.digest)  # before the blob appears: no process may find it unrecorded
+        await self.storage.commit(fill.path, fill.digest)
+        if self.bucket is not None and self.from_bucket < fill.written:
+            self.bucket.blob_stored(fill.digest)  # the bucket lacked it (or said nothing): upload, in the background
+
+    async def _from_bucket(self) -> None:
+        """As much of the blob as the bucket gives; any failure of the store leaves the rest to the upstream."""
+        fill = self.fill
+        size = await self.bucket.blob_size(fill.digest)
+        if size is None or not await self.bucket.may_serve(fill.digest, repository(fill.target)):
+            return
+        try:
+            response = await self.bucket.read_blob(fill.digest, 0)
+        except Exception as e:
+            log.warn("object store read of {digest} failed ({e}): asking the upstream", digest=fill.digest, e=e)
+            return
+        try:
+            if fill.size is None:
+                fill.size = size
+            await self._check_space(size)
+        except Exception:
+            abandon(response)
+            raise
+        fill.answered = True
+        fill.source = "bucket"
+        fill._notify()
+        writer = _BodyWriter(self, 0)
+        before = fill.written
+        response.deliverBody(writer)
+        await writer.lost
+        self.from_bucket += fill.written - before
+        if self.error is not None:
+            raise FillFailed(str(self.error)) from self.error
+        if not writer.reason.check(webclient.ResponseDone) or fill.written != size:
+            self.bucket.read_failed(writer.reason.value)
+            log.warn(
+                "object store body of {digest} broke off at {n} bytes; going on from the upstream",
+                digest=fill.digest,
+                n=fill.written,
+            )
+
+    async def _from_upstream(self) -> None:
         fill = self.fill
         path = f"/v2/{self.name}/blobs/{fill.digest}"
         attempt = 0
@@ -198,13 +264,6 @@ class _FillRunner:
                 digest=fill.digest,
                 n=fill.written,
             )
-        got = "sha256:" + self.sha.hexdigest()
-        if got != fill.digest:
-            raise FillFailed(f"upstream sent bytes with digest {got}, not {fill.digest}")
-        await self.disk.run(os.fsync, self.fd)
-        if self.verified is not None:
-            await self.verified(fill.target, fill.digest)  # before the blob appears: no process may find it unrecorded
-        await self.storage.commit(fill.path, fill.digest)
 
     async def _check_space(self, size: int) -> None:
         """Make room on the disk for a fill (least recently used entries go), or refuse it: the clients then
@@ -256,6 +315,8 @@ class FillManager:
         #: ``f(target, digest)`` once a blob is verified, before it is committed (the private record); raising
         #: fails the fill.
         self.verified: Callable[[Target, str], Awaitable[None]] | None = None
+        #: The shared tier (``storage.s3``): the first source of a fill, and where new blobs are uploaded.
+        self.bucket: Bucket | None = None
         self.fills: dict[str, Fill] = {}
         self.disk_full_until = 0.0
 

@@ -7,6 +7,11 @@ digest is served (stale) rather than failing the pull, at once while the registr
 for a typo costs the upstream one. Every manifest GET is spent from the account's pull budget
 (:mod:`dioproxy.budget`): when it runs low, a cached tag that moved upstream is served as it is; when it is gone,
 nothing is fetched blind.
+
+With the shared tier (``storage.s3``, :mod:`dioproxy.storage.bucket`) a local miss asks the bucket before the
+upstream: a tag entry keeps the time the upstream was last asked, so another replica within ``tag_ttl`` asks the
+upstream nothing; manifest bytes are verified against their digest, and served only to a repository the bucket's
+private record allows. What the upstream tells us is written through to the bucket in the background.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from twisted.logger import Logger
 from dioproxy.errors import RegistryError, UpstreamError, manifest_unknown
 from dioproxy.health import Offline
 from dioproxy.names import is_digest
-from dioproxy.private import PrivateContent
+from dioproxy.private import PrivateContent, repository
 from dioproxy.routing import Target
 from dioproxy.singleflight import SingleFlight
 from dioproxy.storage.base import MetadataStore, TagEntry
+from dioproxy.storage.bucket import Bucket
 from dioproxy.upstream import MANIFEST_TYPES, UpstreamClient, discard, header, read_limited
 
 log = Logger()
@@ -206,6 +212,8 @@ class Manifests:
         self.negative_ttl = negative_ttl
         self.unknown = UnknownTags()
         self.on_stale = on_stale
+        #: The shared tier, read on a local miss and written through (None: the cache directory alone).
+        self.bucket: Bucket | None = None
         self._flights = SingleFlight()
 
     def drop_memory(self) -> None:
@@ -233,7 +241,7 @@ class Manifests:
         return await self._by_tag(target, reference, self.tag_ttl if max_age is None else min(max_age, self.tag_ttl))
 
     async def _by_digest(self, target: Target, digest: str, outcome: str = "hit") -> Manifest:
-        cached = self.store.get(digest)
+        cached = self.store.get(digest) or await self._from_bucket(target, digest)
         if cached is not None:
             if self.private:
                 await self.private.check(target, digest, "manifests")
@@ -244,6 +252,16 @@ class Manifests:
         await self._put(target, digest, media_type, body)
         return Manifest(digest, media_type, body, "miss")
 
+    async def _from_bucket(self, target: Target, digest: str) -> tuple[str, bytes] | None:
+        """A manifest the local tier lacks, from the bucket (verified; its private record copied first), kept
+        locally; None: not there, not for ``target``'s repository, or the store failed."""
+        if self.bucket is None or not await self.bucket.may_serve(digest, repository(target)):
+            return None
+        entry = await self.bucket.read_manifest(digest)
+        if entry is not None:
+            self.store.put(digest, *entry)
+        return entry
+
     async def _put(self, target: Target, digest: str, media_type: str, body: bytes) -> None:
         """Cache a manifest the upstream just served for ``target``: its private record first, or not at all."""
         if self.private:
@@ -253,6 +271,8 @@ class Manifests:
                 log.warn("cannot record where {digest} was seen, not caching it: {e}", digest=digest, e=e)
                 return
         self.store.put(digest, media_type, body)
+        if self.bucket is not None:
+            self.bucket.manifest_stored(digest)
 
     async def _by_tag(self, target: Target, tag: str, ttl: float) -> Manifest:
         registry, name = target.registry, target.name
@@ -260,8 +280,12 @@ class Manifests:
         if self.unknown.known((registry, name, tag), now):
             raise manifest_unknown(name, tag)
         entry = self.tags.get(registry, name, tag)
+        if entry is None and self.bucket is not None:
+            entry = await self.bucket.read_tag(registry, name, tag)
+            if entry is not None:
+                self.tags.put(registry, name, tag, entry)  # the local tier; the bucket has it
         if entry is not None and now - entry.checked < ttl:
-            cached = self.store.get(entry.digest)
+            cached = self.store.get(entry.digest) or await self._from_bucket(target, entry.digest)
             if cached is not None:
                 return Manifest(entry.digest, cached[0], cached[1], "hit")
         try:
@@ -300,7 +324,10 @@ class Manifests:
                 if self.negative_ttl > 0:
                     self.unknown.add((registry, name, tag), now + self.negative_ttl)
             raise
-        self.tags.put(registry, name, tag, TagEntry(manifest.digest, manifest.media_type, len(manifest.body), now))
+        checked = TagEntry(manifest.digest, manifest.media_type, len(manifest.body), now)
+        self.tags.put(registry, name, tag, checked)
+        if self.bucket is not None:
+            self.bucket.tag_checked(registry, name, tag, checked)
         return manifest
 
     def _stale(self, target: Target, tag: str, entry: TagEntry | None, reason: str) -> Manifest | None:

@@ -1,5 +1,5 @@
 """The mirror as plain objects, free of HTTP: config, upstream clients, cache stores, fills, the blob and manifest
-services.
+services; with ``storage.s3``, the shared tier (:mod:`dioproxy.storage.bucket`) behind the cache directory.
 
 Resources translate HTTP into calls on a :class:`Mirror`; tests can build one around a fake upstream.
 """
@@ -24,6 +24,7 @@ from dioproxy.fill import FillManager
 from dioproxy.health import Health
 from dioproxy.manifests import Manifests, ManifestStore, TagIndex
 from dioproxy.metrics import CountingTokenCache, Metrics
+from dioproxy.objectstore import ObjectStore
 from dioproxy.policy import ClientAddresses, RateLimiter, check_access
 from dioproxy.pools import Pools
 from dioproxy.prefetch import Prefetcher
@@ -31,6 +32,7 @@ from dioproxy.private import PrivateContent
 from dioproxy.reload import apply_config
 from dioproxy.routing import Target, resolve
 from dioproxy.status import StatusBoard
+from dioproxy.storage.bucket import STORE_TIMEOUT, Bucket
 from dioproxy.tokensecret import shared_secret
 from dioproxy.upstream import UpstreamClient, make_http_client, make_pool
 
@@ -91,6 +93,10 @@ class Mirror:
             on_stale=self.metrics.stale_answer,
         )
         self.blobs = Blobs(self.storage, self.fills, self.cache, self.private, self.client)
+        #: The shared tier, only with ``storage.s3`` (and a cache directory to be its hot tier).
+        self.bucket = self._make_bucket(config)
+        #: Fires once the bucket's start check passed (fails with a StoreConfigError naming the key to fix).
+        self.bucket_started: defer.Deferred = defer.succeed(None)
         self._made_secret: str | None = None
         self.reloaders.append(self._reconfigure_outages)
         self.apply_security(config)
@@ -99,6 +105,18 @@ class Mirror:
         self.status = StatusBoard()
         #: The ``prefetch:`` list, kept warm on schedule (started by :meth:`start`).
         self.prefetcher = Prefetcher(self)
+
+    def _make_bucket(self, config: Config) -> Bucket | None:
+        s3 = config.storage.s3
+        if s3 is None or self.storage is None:
+            return None
+        store = ObjectStore(self.reactor, s3, timeout=min(STORE_TIMEOUT, config.read_timeout))
+        bucket = Bucket(store, self.storage, self.reactor)
+        self.fills.bucket = bucket
+        self.manifests.bucket = bucket
+        self.cache.held = bucket.held
+        self.private.on_record = bucket.record_written
+        return bucket
 
     def apply_security(self, config: Config) -> None:
         """The login gate and the rate limiter for ``config.security`` (at start, and on a reload that changes it)."""
@@ -199,7 +217,8 @@ class Mirror:
         self.health.stop()
         stopped = self.cache.stop() if self.cache else defer.succeed(None)
         written = self.storage.settled() if self.storage else defer.succeed(None)  # small files, in the disk pool
-        closed = defer.gatherResults([self.pool.closeCachedConnections(), stopped, written])
+        shared = self.bucket.stop() if self.bucket else defer.succeed(None)
+        closed = defer.gatherResults([self.pool.closeCachedConnections(), stopped, written, shared])
         return closed.addBoth(self._stop_pools)
 
     def _stop_pools(self, result: Any) -> Any:
@@ -211,5 +230,7 @@ class Mirror:
         removed = self.storage.clean_temp() if self.storage else 0
         if self.cache:
             self.cache.start()
+        if self.bucket:
+            self.bucket_started = defer.ensureDeferred(self.bucket.start())
         self.prefetcher.start()
         return removed

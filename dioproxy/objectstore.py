@@ -32,6 +32,7 @@ better commit the S3 API offers (CopyObject has no If-None-Match). AWS S3 docume
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -101,6 +102,11 @@ class ObjectStoreTimeout(ObjectStoreError):
 
 class StoreConfigError(ConfigError):
     """``check`` found the store unusable with this configuration; the message names the key to fix."""
+
+    @property
+    def key(self) -> str:
+        """The configuration key the message names (``storage.s3.endpoint``: the store did not answer at all)."""
+        return str(self).split(":", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -310,6 +316,31 @@ class ObjectStore:
             yield visit(infos)
             if token is None:
                 return seen
+
+    # -- small objects (manifests, tag entries, private records)
+
+    @defer.inlineCallbacks
+    def get_bytes(self, key: str, limit: int) -> Any:
+        """The whole of a small object, or None if the bucket does not have it; ValueError past ``limit`` bytes."""
+        try:
+            response = yield self.get(key)
+        except ObjectNotFound:
+            return None
+        return (yield read_limited(response, limit))
+
+    @defer.inlineCallbacks
+    def put_bytes(self, key: str, data: bytes, replace: bool = False) -> Any:
+        """Write a small object in one PUT: True if written; False if it was there and ``replace`` is off (the
+        commit then carries ``If-None-Match: *``, as for blobs)."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if not replace:
+            headers["If-None-Match"] = "*"
+        producer = webclient.FileBodyProducer(io.BytesIO(data))
+        response = yield self._send(b"PUT", self._presign("put_object", key), headers, producer)
+        if response.code in (200, 412):
+            yield discard(response)
+            return response.code == 200
+        raise (yield self._error(response, f"PUT {key}"))
 
     # -- data
 

@@ -40,6 +40,8 @@ class PrivateContent:
     def __init__(self, storage: Store, client_for: Callable[[Target], UpstreamClient]) -> None:
         self.storage = storage
         self.client_for = client_for
+        #: ``f(digest)`` after a record changed (the shared tier merges it into the bucket's).
+        self.on_record: Callable[[str], None] | None = None
 
     def seen(self, digest: str) -> set[str] | None:
         """Where a credentialed digest was seen; None for content that came without credentials (no record)."""
@@ -76,6 +78,8 @@ class PrivateContent:
         repositories.add(repository(target))
         if not await self.storage.write_record(digest, json.dumps(sorted(repositories)).encode()):
             raise OSError(f"cannot write the private record of {digest}")
+        if self.on_record is not None:
+            self.on_record(digest)
 
     async def check(self, target: Target, digest: str, kind: str, credentialed: bool = False) -> None:
         """Raise BLOB_UNKNOWN / MANIFEST_UNKNOWN unless ``target`` may read this content.

@@ -88,9 +88,15 @@ class MirrorService(service.MultiService):
             upstreams=", ".join(f"{u.registry}={u.url}" for u in config.upstreams.values()),
             login="required (htpasswd)" if config.security.htpasswd else "off",
         )
+        self.mirror.bucket_started.addErrback(self._unusable_store)
         if self.reloader is not None:
             self.reloader.start()
         super().startService()
+
+    def _unusable_store(self, failure: Any) -> None:
+        """The object store refused our configuration (wrong credentials, no such bucket): say which key, stop."""
+        log.critical("cannot use the object store: {e}", e=failure.getErrorMessage())
+        self.mirror.reactor.stop()
 
     def stopService(self) -> Any:
         if self.reloader is not None:

@@ -136,6 +136,17 @@ class ObjectStoreTests(_StoreTest):
         self.assertRaises(ValueError, blob_key, "sha256:../../x")
 
     @defer.inlineCallbacks
+    def test_small_objects(self):
+        store = self.make_store()
+        self.assertIsNone((yield store.get_bytes("tags/x", 1024)))
+        self.assertTrue((yield store.put_bytes("tags/x", b"one")))
+        self.assertFalse((yield store.put_bytes("tags/x", b"two")), "a create-only write replaced an object")
+        self.assertEqual((yield store.get_bytes("tags/x", 1024)), b"one")
+        yield self.assertFailure(store.get_bytes("tags/x", 2), ValueError)
+        self.assertTrue((yield store.put_bytes("tags/x", b"three", replace=True)))
+        self.assertEqual((yield store.get_bytes("tags/x", 1024)), b"three")
+
+    @defer.inlineCallbacks
     def test_put_head_ranged_get_delete(self):
         store = self.make_store()
         path = self.mktemp()
