@@ -12,6 +12,7 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from dioproxy.auth import Gate, Htpasswd, Tokens
 from dioproxy.blobs import Blobs
@@ -35,6 +36,8 @@ from dioproxy.status import StatusBoard
 from dioproxy.storage.bucket import STORE_TIMEOUT, Bucket
 from dioproxy.tokensecret import shared_secret
 from dioproxy.upstream import UpstreamClient, make_http_client, make_pool
+
+log = Logger()
 
 
 class Mirror:
@@ -110,6 +113,8 @@ class Mirror:
         s3 = config.storage.s3
         if s3 is None or self.storage is None:
             return None
+        if s3.redirect:
+            log.warn("storage.s3.redirect: not implemented yet; the mirror sends cached blobs itself")
         store = ObjectStore(self.reactor, s3, timeout=min(STORE_TIMEOUT, config.read_timeout))
         bucket = Bucket(store, self.storage, self.reactor)
         self.fills.bucket = bucket
