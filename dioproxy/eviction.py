@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from dioproxy.pools import PoolTimeout
 from dioproxy.storage.cachedir import BLOB, KINDS, LASTUSE_FILE, MANIFEST, entry_path, load_lastuse, slices
-from dioproxy.storage.disk import DiskStorage, listing
+from dioproxy.storage.disk import DiskStorage, listing, unlink_all
 from dioproxy.storage.index import CacheIndex, index_path
 
 log = Logger()
@@ -414,7 +414,8 @@ class CacheBound:
             return defer.succeed(0)
         keys = [(kind, digest) for kind, digest, _, _ in victims]
         self._leaving.update(keys)
-        d = self.pools.disk.run(_remove_entries, self.storage.root, victims)
+        root = self.storage.root
+        d = self.pools.disk.run(unlink_all, [entry_path(root, kind, digest) for kind, digest, _, _ in victims])
         d.addCallback(self._evicted, victims)
         d.addErrback(lambda f: log.failure("eviction: cannot delete files", f) or 0)
 
@@ -466,20 +467,6 @@ def _in_index(
     index.apply(added, touched)
     value = f(index, *args) if f is not None else None
     return value, index.totals()
-
-
-def _remove_entries(root: str, victims: list[tuple[str, str, int, str]]) -> list[str | None]:
-    """Runs in the disk pool: None (deleted), "gone" (already) or the error, per victim."""
-    errors: list[str | None] = []
-    for kind, digest, _, _ in victims:
-        try:
-            os.unlink(entry_path(root, kind, digest))
-            errors.append(None)
-        except FileNotFoundError:
-            errors.append("gone")
-        except OSError as e:
-            errors.append(str(e))
-    return errors
 
 
 def _unlink(path: str) -> None:

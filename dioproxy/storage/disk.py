@@ -190,7 +190,7 @@ class DiskStorage:
         return defer.succeed(None)
 
     def delete(self, digests: list[str]) -> defer.Deferred:
-        return self._run(_unlink_all, [self.blob_path(d) for d in digests])
+        return self._run(unlink_all, [self.blob_path(d) for d in digests])
 
     def list(self, prefix: str) -> defer.Deferred:
         directory = os.path.join(self.root, "blobs", "sha256", _hex(prefix)[:2])
@@ -218,7 +218,7 @@ class DiskStorage:
         return os.path.exists(self.manifest_path(digest))
 
     def delete_manifests(self, digests: list[str]) -> defer.Deferred:
-        return self._run(_unlink_all, [self.manifest_path(d) for d in digests])
+        return self._run(unlink_all, [self.manifest_path(d) for d in digests])
 
     def list_manifests(self, prefix: str) -> defer.Deferred:
         return self._run(listing, os.path.join(self.root, "manifests", "sha256"), prefix)
@@ -361,7 +361,7 @@ def _listdir(directory: str) -> set[str]:
         return set()
 
 
-def _unlink_all(paths: list[str]) -> list[str | None]:
+def unlink_all(paths: list[str]) -> list[str | None]:
     """Per path: None (removed), "gone" (it was not there) or the error."""
     errors: list[str | None] = []
     for path in paths:
