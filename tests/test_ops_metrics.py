@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from dioproxy.metrics import Metrics, endpoint_of
-from tests.harness import Proxy, start_upstream
+from tests.harness import Proxy, eventually, start_upstream
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
@@ -94,6 +94,9 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(value(text, "dioproxy_upstream_ratelimit_remaining", registry="docker.io"), 99)
         self.assertEqual(value(text, "dioproxy_upstream_errors_total"), 0)
         manifest_file = len(DOCKER_MANIFEST) + 1 + len(image.body)
+        # The bound counts what was stored at its next check (within check_interval, 1 s), not at the commit.
+        yield eventually(lambda: self.proxy.mirror.cache.size == blob_bytes + manifest_file)
+        text = self.proxy.mirror.metrics.exposition().decode()  # not a scrape: the count of those stays 1
         self.assertEqual(value(text, "dioproxy_cache_size_bytes"), blob_bytes + manifest_file)
         self.assertEqual(value(text, "dioproxy_cache_entries", kind="blob"), len(blobs))
         self.assertEqual(value(text, "dioproxy_cache_entries", kind="manifest"), 1)
