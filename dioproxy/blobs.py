@@ -14,7 +14,7 @@ from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
 from dioproxy.eviction import CacheBound
 from dioproxy.fill import DiskFull, Fill, FillManager
 from dioproxy.private import PrivateContent, repository
-from dioproxy.responders import AccelRedirect, CachedFile, GrowingFile, Responder, UpstreamAnswer
+from dioproxy.responders import AccelRedirect, CachedFile, GrowingFile, KnownSize, Responder, UpstreamAnswer
 from dioproxy.routing import Target
 from dioproxy.storage.disk import DiskStorage, blob_name
 from dioproxy.upstream import UpstreamClient, discard
@@ -71,7 +71,8 @@ class Blobs:
         except DiskFull:
             fill = None
         if fill is None:
-            return await self._upstream(ask)
+            shared = await self._in_bucket(ask) if ask.head else None
+            return shared or await self._upstream(ask)
         ask.outcome = "miss"
         if not fill.done:
             try:
@@ -92,6 +93,17 @@ class Blobs:
             return AccelRedirect(ask.accel + blob_name(ask.digest))
         source = await self.storage.open(ask.digest)
         return CachedFile(source) if source is not None else None
+
+    async def _in_bucket(self, ask: BlobAsk) -> Responder | None:
+        """A HEAD for a blob only the shared tier holds: its size, asking neither a fill nor the upstream."""
+        bucket = self.fills.bucket
+        if bucket is None:
+            return None
+        size = await bucket.blob_size(ask.digest)
+        if size is None or not await bucket.may_serve(ask.digest, repository(ask.target)):
+            return None
+        ask.outcome = "hit"
+        return KnownSize(size)
 
     async def _fill(self, target: Target, digest: str, head: bool) -> Fill | None:
         """The fill this request reads, once the upstream answered and ``target`` may read it; None for a HEAD

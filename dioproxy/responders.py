@@ -77,6 +77,25 @@ class AccelRedirect:
         pass
 
 
+class KnownSize:
+    """A HEAD for a blob held elsewhere (the shared tier's bucket): headers and size, no bytes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    async def send(self, request: Request, head: bool) -> None:
+        if not_modified(request):
+            request.setResponseCode(304)
+        else:
+            request.setHeader("Content-Type", "application/octet-stream")
+            request.setHeader("Accept-Ranges", "bytes")
+            request.setHeader("Content-Length", str(self.size))
+        request.finish()
+
+    def close(self) -> None:
+        pass
+
+
 class UpstreamAnswer:
     """No cache for this blob: the upstream's answer (200, 206, 416) piped straight into the request,
     backpressure included; for a HEAD, only its size (the service asked for the first byte)."""

@@ -111,6 +111,9 @@ class SharedTierTests(_TierTest):
         self.fake.clear_requests()
         second = self.mirror()
         self.assertEqual(os.listdir(os.path.join(second.cache_dir, "blobs", "sha256")), [])
+        for digest, data in image.blobs.items():  # what skopeo and containerd ask before a GET
+            status, headers = yield second.head(f"/v2/library/app/blobs/{digest}")
+            self.assertEqual((status, headers.get("content-length")), (200, str(len(data))))
         yield self.pull(second, "library/app", image)
         self.assertEqual(self.fake.requests, [], "the second mirror asked the upstream")
         # ... and kept what passed in its hot tier: a third pull reads nothing from the bucket either.
@@ -226,6 +229,8 @@ class PrivateAcrossReplicasTests(_TierTest):
             digest = self.layer if kind == "blobs" else self.secret.digest
             code, _ = yield self.fetch(second, f"/v2/ghcr.io/attacker/x/{kind}/{digest}")
             self.assertEqual(code, 404, f"a replica served credentialed {kind} through another repository")
+        status, _ = yield second.head(f"/v2/ghcr.io/attacker/x/blobs/{self.layer}")
+        self.assertEqual(status, 404, "a HEAD told another repository the credentialed blob's size")
         self.assertFalse(os.path.exists(second.blob_file(self.layer)))
         code, body = yield self.fetch(second, f"/v2/ghcr.io/acme/private/blobs/{self.layer}")
         self.assertEqual((code, body == self.secret.layers[0]), (200, True))
