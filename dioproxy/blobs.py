@@ -14,7 +14,7 @@ from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
 from dioproxy.eviction import CacheBound
 from dioproxy.fill import DiskFull, Fill, FillManager
 from dioproxy.private import PrivateContent, repository
-from dioproxy.responders import AccelRedirect, CachedFile, GrowingFile, KnownSize, Responder, UpstreamAnswer
+from dioproxy.responders import AccelRedirect, CachedFile, GrowingFile, KnownSize, Redirect, Responder, UpstreamAnswer
 from dioproxy.routing import Target
 from dioproxy.storage.disk import DiskStorage, blob_name
 from dioproxy.upstream import UpstreamClient, discard
@@ -53,6 +53,8 @@ class Blobs:
         self.cache = cache
         self.private = private
         self.client_for = client_for
+        #: ``storage.s3.redirect_ttl`` when ``storage.s3.redirect`` is on: cached GETs go to the bucket.
+        self.redirect_ttl: float | None = None
 
     async def respond(self, ask: BlobAsk) -> Responder:
         """The responder for ``ask``; raises a RegistryError / UpstreamError for an answer without a blob.
@@ -63,6 +65,9 @@ class Blobs:
         if self.storage is None:
             return await self._upstream(ask)
         self.cache.reading(ask.digest, ask.reader)  # last use; never evicted while this request reads it
+        responder = await self._redirect(ask) if self.redirect_ttl and not ask.head else None
+        if responder is not None:
+            return responder
         responder = await self._cached(ask)
         if responder is not None:
             return responder
@@ -93,6 +98,22 @@ class Blobs:
             return AccelRedirect(ask.accel + blob_name(ask.digest))
         source = await self.storage.open(ask.digest)
         return CachedFile(source) if source is not None else None
+
+    async def _redirect(self, ask: BlobAsk) -> Responder | None:
+        """``storage.s3.redirect``: a GET of a blob the bucket holds is sent to the bucket (a presigned URL), after
+        the same private-content check as a hit; a blob not uploaded yet is sent by us."""
+        bucket = self.fills.bucket
+        if bucket is None:
+            return None
+        local = await self.storage.size(ask.digest) is not None
+        if local:
+            await self.private.check(ask.target, ask.digest, "blobs")
+        if await bucket.blob_size(ask.digest) is None:
+            return None
+        if not local and not await bucket.may_serve(ask.digest, repository(ask.target)):
+            return None
+        ask.outcome = "hit"
+        return Redirect(bucket.blob_url(ask.digest, self.redirect_ttl))
 
     async def _in_bucket(self, ask: BlobAsk) -> Responder | None:
         """A HEAD for a blob only the shared tier holds: its size, asking neither a fill nor the upstream."""

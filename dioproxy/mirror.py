@@ -12,7 +12,6 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from dioproxy.auth import Gate, Htpasswd, Tokens
 from dioproxy.blobs import Blobs
@@ -36,8 +35,6 @@ from dioproxy.status import StatusBoard
 from dioproxy.storage.bucket import STORE_TIMEOUT, Bucket
 from dioproxy.tokensecret import shared_secret
 from dioproxy.upstream import UpstreamClient, make_http_client, make_pool
-
-log = Logger()
 
 
 class Mirror:
@@ -113,11 +110,10 @@ class Mirror:
         s3 = config.storage.s3
         if s3 is None or self.storage is None:
             return None
-        if s3.redirect:
-            log.warn("storage.s3.redirect: not implemented yet; the mirror sends cached blobs itself")
         store = ObjectStore(self.reactor, s3, timeout=min(STORE_TIMEOUT, config.read_timeout))
         bucket = Bucket(store, self.storage, self.reactor)
         self.fills.bucket = bucket
+        self.blobs.redirect_ttl = s3.redirect_ttl if s3.redirect else None
         self.manifests.bucket = bucket
         self.cache.held = bucket.held
         self.private.on_record = bucket.record_written

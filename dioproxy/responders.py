@@ -6,8 +6,7 @@ answers the request with it (status, Range, 304, HEAD, headers, body) and lets g
 that pause with the transport, so a client that stops reading meets the channel's write deadline
 (:mod:`dioproxy.channel`) and holds at most a chunk of memory.
 
-Ways yet to come, each a class here: an object-store stream (a remote blob store's body) and a redirect (a 307 to
-a presigned URL).
+A way yet to come: an object-store stream (a remote blob store's body sent without the hot tier).
 """
 
 from __future__ import annotations
@@ -90,6 +89,24 @@ class KnownSize:
             request.setHeader("Content-Type", "application/octet-stream")
             request.setHeader("Accept-Ranges", "bytes")
             request.setHeader("Content-Length", str(self.size))
+        request.finish()
+
+    def close(self) -> None:
+        pass
+
+
+class Redirect:
+    """``307`` to where the blob can be read directly (a presigned URL of the bucket): docker, podman,
+    containerd and skopeo follow it; the bytes never pass through the mirror."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+
+    async def send(self, request: Request, head: bool) -> None:
+        request.setResponseCode(307)
+        request.setHeader("Location", self.location)
+        request.setHeader("Cache-Control", "no-store")  # the URL expires: nobody may reuse the redirect
+        request.setHeader("Content-Length", "0")
         request.finish()
 
     def close(self) -> None:

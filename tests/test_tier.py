@@ -12,9 +12,9 @@ import time
 
 import treq
 import yaml
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
-from twisted.web.client import ResponseFailed
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 
 from dioproxy.fill import HOLD_BACK
 from dioproxy.objectstore import StoreConfigError, blob_key, manifest_key
@@ -57,9 +57,10 @@ class _TierTest(unittest.TestCase):
         values.update(changes)
         return values
 
-    def mirror(self, cache_dir=None, timeout=3, **config):
+    def mirror(self, cache_dir=None, timeout=3, s3=None, **config):
         config.setdefault("timeouts", {"read": timeout})
-        proxy = Proxy(self, self.fake.registry_url, cache_dir=cache_dir, storage={"s3": self.s3_config()}, **config)
+        storage = {"s3": self.s3_config(**(s3 or {}))}
+        proxy = Proxy(self, self.fake.registry_url, cache_dir=cache_dir, storage=storage, **config)
         proxy.mirror.bucket.reconcile_retry = 0.5
         proxy.mirror.bucket.retry_first = 0.2
         return proxy
@@ -198,6 +199,34 @@ class SharedTierTests(_TierTest):
         self.assertIn("storage.s3.secret_key", log)
 
 
+class RedirectTests(_TierTest):
+    @defer.inlineCallbacks
+    def test_cached_blobs_are_read_from_the_bucket_itself(self):
+        image = self.fake.add_image("library/app", "1.0", layer_sizes=[2 * MB, 1000])
+        first = self.mirror(s3={"redirect": True, "redirect_ttl": "1m"})
+        yield self.pull(first, "library/app", image)  # nothing uploaded yet: the mirror sends them itself
+        yield first.mirror.bucket.idle()
+
+        self.fake.clear_requests()
+        second = self.mirror(s3={"redirect": True, "redirect_ttl": "1m"})
+        plain = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        for digest, data in image.blobs.items():
+            response = yield second.get(f"/v2/library/app/blobs/{digest}", allow_redirects=False)
+            yield response.content()
+            self.assertEqual(response.code, 307)
+            location = response.headers.getRawHeaders("Location")[0]
+            self.assertTrue(location.startswith(self.sw.endpoint), location)
+            self.assertEqual(response.headers.getRawHeaders("Cache-Control"), ["no-store"])
+            direct = yield plain.get(location)  # what a client does: no credentials, straight to the store
+            self.assertEqual((direct.code, (yield direct.content()) == data), (200, True))
+            status, headers = yield second.head(f"/v2/library/app/blobs/{digest}")
+            self.assertEqual((status, headers.get("content-length")), (200, str(len(data))), "HEAD stays with us")
+        self.assertEqual(self.fake.requests, [])
+        self.assertEqual(os.listdir(os.path.join(second.cache_dir, "blobs", "sha256")), [], "bytes went through us")
+        code, body = yield self.fetch(second, f"/v2/library/app/manifests/{image.tag}")
+        self.assertEqual((code, sha(body)), (200, image.digest), "manifests stay with the mirror")
+
+
 class PrivateAcrossReplicasTests(_TierTest):
     @defer.inlineCallbacks
     def setUp(self):
@@ -208,9 +237,24 @@ class PrivateAcrossReplicasTests(_TierTest):
         self.layer = self.secret.layer_digests[0]
         self.ghcr.add_image("attacker/x", "1.0", layer_sizes=[10])
 
-    def ghcr_mirror(self):
+    def ghcr_mirror(self, **s3):
         upstream = {"url": self.ghcr.registry_url, "username": "bot", "password": "pat"}
-        return self.mirror(upstreams={"ghcr.io": upstream})
+        return self.mirror(upstreams={"ghcr.io": upstream}, s3=s3)
+
+    @defer.inlineCallbacks
+    def test_no_redirect_to_credentialed_content_for_another_repository(self):
+        first = self.ghcr_mirror()
+        code, _ = yield self.fetch(first, f"/v2/ghcr.io/acme/private/blobs/{self.layer}")
+        self.assertEqual(code, 200)
+        yield first.mirror.bucket.idle()
+        second = self.ghcr_mirror(redirect=True)
+        path = f"/v2/ghcr.io/{{}}/blobs/{self.layer}"
+        response = yield second.get(path.format("attacker/x"), allow_redirects=False)
+        yield response.content()
+        self.assertEqual(response.code, 404, "another repository was sent to the credentialed blob")
+        response = yield second.get(path.format("acme/private"), allow_redirects=False)
+        yield response.content()
+        self.assertEqual(response.code, 307)
 
     @defer.inlineCallbacks
     def test_credentialed_content_is_not_served_from_the_bucket_to_another_repository(self):

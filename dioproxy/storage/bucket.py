@@ -148,6 +148,10 @@ class Bucket:
 
     # -- reads on a local miss -------------------------------------------------------------------------------
 
+    def blob_url(self, digest: str, ttl: float) -> str:
+        """A presigned URL of the blob, valid ``ttl`` seconds (no I/O: signing only)."""
+        return self.store.presign_get(blob_key(digest), ttl)
+
     async def blob_size(self, digest: str) -> int | None:
         info = await self._read(lambda: self.store.head(blob_key(digest)))
         return None if info is None else info.size
