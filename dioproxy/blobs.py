@@ -59,25 +59,33 @@ class Blobs:
     async def respond(self, ask: BlobAsk) -> Responder:
         """The responder for ``ask``; raises a RegistryError / UpstreamError for an answer without a blob.
 
-        A remote store (issue 10's object store) slots in after the local miss in :meth:`_cached`: an
-        object-store stream responder for its source, or a redirect to a presigned URL.
+        With ``storage.s3.redirect``, a GET of a blob the bucket holds is redirected there, after the same
+        private-content check as a hit; a blob not uploaded yet is sent by us.
         """
         if self.storage is None:
             return await self._upstream(ask)
         self.cache.reading(ask.digest, ask.reader)  # last use; never evicted while this request reads it
-        responder = await self._redirect(ask) if self.redirect_ttl and not ask.head else None
-        if responder is not None:
-            return responder
-        responder = await self._cached(ask)
-        if responder is not None:
-            return responder
+        redirect = self.redirect_ttl is not None and not ask.head
+        local = await self.storage.size(ask.digest) is not None
+        if local:
+            await self.private.check(ask.target, ask.digest, "blobs")
+        if redirect and await self._shared_size(ask, checked=local) is not None:
+            ask.outcome = "hit"
+            return Redirect(self.fills.bucket.blob_url(ask.digest, self.redirect_ttl))
+        if local:
+            responder = await self._cached(ask)
+            if responder is not None:
+                return responder
         try:
             fill = await self._fill(ask.target, ask.digest, ask.head)
         except DiskFull:
             fill = None
         if fill is None:
-            shared = await self._in_bucket(ask) if ask.head else None
-            return shared or await self._upstream(ask)
+            size = await self._shared_size(ask) if ask.head else None
+            if size is not None:
+                ask.outcome = "hit"
+                return KnownSize(size)
+            return await self._upstream(ask)
         ask.outcome = "miss"
         if not fill.done:
             try:
@@ -90,41 +98,23 @@ class Blobs:
         return CachedFile(source)
 
     async def _cached(self, ask: BlobAsk) -> Responder | None:
-        if await self.storage.size(ask.digest) is None:
-            return None
-        await self.private.check(ask.target, ask.digest, "blobs")
+        """A hit, already checked for private content: nginx sends it when it offered, else we do."""
         ask.outcome = "hit"
         if ask.accel:
             return AccelRedirect(ask.accel + blob_name(ask.digest))
         source = await self.storage.open(ask.digest)
         return CachedFile(source) if source is not None else None
 
-    async def _redirect(self, ask: BlobAsk) -> Responder | None:
-        """``storage.s3.redirect``: a GET of a blob the bucket holds is sent to the bucket (a presigned URL), after
-        the same private-content check as a hit; a blob not uploaded yet is sent by us."""
-        bucket = self.fills.bucket
-        if bucket is None:
-            return None
-        local = await self.storage.size(ask.digest) is not None
-        if local:
-            await self.private.check(ask.target, ask.digest, "blobs")
-        if await bucket.blob_size(ask.digest) is None:
-            return None
-        if not local and not await bucket.may_serve(ask.digest, repository(ask.target)):
-            return None
-        ask.outcome = "hit"
-        return Redirect(bucket.blob_url(ask.digest, self.redirect_ttl))
-
-    async def _in_bucket(self, ask: BlobAsk) -> Responder | None:
-        """A HEAD for a blob only the shared tier holds: its size, asking neither a fill nor the upstream."""
+    async def _shared_size(self, ask: BlobAsk, checked: bool = False) -> int | None:
+        """The size of the shared tier's copy when ``ask`` may read it, else None (no bucket, not there, private
+        elsewhere, the store silent). ``checked``: the local private check passed already."""
         bucket = self.fills.bucket
         if bucket is None:
             return None
         size = await bucket.blob_size(ask.digest)
-        if size is None or not await bucket.may_serve(ask.digest, repository(ask.target)):
+        if size is None or not (checked or await bucket.may_serve(ask.digest, repository(ask.target))):
             return None
-        ask.outcome = "hit"
-        return KnownSize(size)
+        return size
 
     async def _fill(self, target: Target, digest: str, head: bool) -> Fill | None:
         """The fill this request reads, once the upstream answered and ``target`` may read it; None for a HEAD

@@ -147,18 +147,7 @@ class PullBudget:
         first ``probe()`` (a free HEAD: its answer brings a fresh announcement), then waits for a reset within
         ``wait``, else raises :class:`UpstreamError` 429 with the reset as Retry-After."""
         if self.state(allowance) == "gone":
-            await probe()
-            if self.state(allowance) == "gone":
-                delay = allowance.retry_in(self.clock())
-                if delay > self.wait:
-                    self.note(allowance, "refused")
-                    raise self.refusal(allowance, delay)
-                self.note(allowance, "waited")
-                await deferLater(self.reactor, delay, lambda: None)
-                await probe()
-                if self.state(allowance) == "gone":
-                    self.note(allowance, "refused")
-                    raise self.refusal(allowance, allowance.retry_in(self.clock()))
+            await self._until_allowed(allowance, probe)
         allowance.inflight += 1
         try:
             yield
@@ -168,6 +157,22 @@ class PullBudget:
             raise
         finally:
             allowance.inflight -= 1
+
+    async def _until_allowed(self, allowance: Allowance, probe: Callable[[], Awaitable[Any]]) -> None:
+        """Returns once a probe found pulls left (after waiting for a reset due within ``wait``), else refuses."""
+        await probe()
+        if self.state(allowance) != "gone":
+            return
+        delay = allowance.retry_in(self.clock())
+        if delay <= self.wait:
+            self.note(allowance, "waited")
+            await deferLater(self.reactor, delay, lambda: None)
+            await probe()
+            if self.state(allowance) != "gone":
+                return
+            delay = allowance.retry_in(self.clock())
+        self.note(allowance, "refused")
+        raise self.refusal(allowance, delay)
 
     def refusal(self, allowance: Allowance, delay: float) -> UpstreamError:
         who = "anonymous pulls" if allowance.account == "anonymous" else f"account {allowance.account}"
