@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
 from dioproxy.eviction import CacheBound
-from dioproxy.fill import DiskFull, Fill, FillManager
+from dioproxy.fill import DiskFull, Fill, FillManager, OwnerFailed
 from dioproxy.private import PrivateContent, repository
 from dioproxy.responders import AccelRedirect, CachedFile, GrowingFile, KnownSize, Redirect, Responder, UpstreamAnswer
 from dioproxy.routing import Target
@@ -123,27 +123,28 @@ class Blobs:
         A fill runs with its first requester's repository. A follower through another repository waits until
         the upstream confirmed that one holds the blob too (content fetched with credentials has no record yet);
         and when the upstream does not have the blob where the fill asked, the follower asks under its own name.
-        A fill from the shared tier's bucket copies the bucket's private record to the local tier before it
-        answers, so such a follower is checked again once it did.
+        Checked again once the fill answered: one from the shared tier's bucket has copied the bucket's private
+        record to the local tier by then, and one in another process has told whose it is.
         """
         key = repository(target)
         while True:
             fill = self.fills.get(digest) if head else self.fills.start(digest, self.client_for(target), target)
             if fill is None:
                 return None
-            theirs = repository(fill.target) != key
+            theirs = fill.repository != key
             if theirs:
-                credentialed = fill.target.upstream.credentials is not None
-                await self.private.check(target, digest, "blobs", credentialed)
+                await self.private.check(target, digest, "blobs", fill.credentialed)
             try:
                 await fill.ready()
-                if theirs and fill.source == "bucket":
-                    await self.private.check(target, digest, "blobs")
-                return fill
+            except OwnerFailed:
+                continue  # another process's fill ended before an answer: ask again
             except RegistryError as e:
                 if not theirs or e.code != "BLOB_UNKNOWN":
                     raise
-                # Retried at once, in the turn the fill failed: nothing else can start one in between.
+                continue  # at once, in the turn the fill failed: nothing else can start one in between
+            if fill.repository != key and (fill.source == "bucket" or fill.foreign):
+                await self.private.check(target, digest, "blobs", fill.credentialed)
+            return fill
 
     async def _upstream(self, ask: BlobAsk) -> Responder:
         """No cache for this one: the upstream's answer. A HEAD asks for the first byte only: the size is in

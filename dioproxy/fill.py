@@ -9,18 +9,22 @@ Sources, in order: the shared tier's bucket (:mod:`dioproxy.storage.bucket`) whe
 it to the fill's repository, then the upstream. Both write through the same append, sha256 and hold-back; a bucket
 read that breaks off goes on from the upstream with ``Range`` at the offset written (the resume path). A mismatch
 on bytes that came from the bucket deletes its object, so the next fill asks the upstream and uploads good bytes.
+
+One fill per digest for every process on the cache directory (``--workers``): the fill's file is a partial file
+(:mod:`dioproxy.storage.partial`) locked by its owner. Another process follows it from the disk with the same
+hold-back (its end is the rename into ``blobs/``, its failure the unlink); when the owner dies, one follower takes
+the file over and resumes from the sources with ``Range`` at the bytes already written.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
 from collections.abc import Awaitable
 from typing import Any, Callable
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client as webclient
@@ -29,9 +33,11 @@ from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
 from dioproxy.pools import BlockingPool
 from dioproxy.private import repository
 from dioproxy.routing import Target
+from dioproxy.storage import partial
 from dioproxy.storage.bucket import Bucket
 from dioproxy.storage.cachedir import BLOB
 from dioproxy.storage.disk import DiskStorage
+from dioproxy.storage.partial import Claim, FillInfo
 from dioproxy.upstream import UpstreamClient, abandon, header
 
 log = Logger()
@@ -41,6 +47,10 @@ HOLD_BACK = 64 * 1024
 #: How many times a broken upstream body is resumed with ``Range`` before the fill gives up.
 RESUMES = 3
 
+
+#: How often a follower of another process's fill looks at its file, and every how many looks it checks that
+#: the owner lives (by trying its lock).
+POLL, TAKE_EVERY = 0.02, 10
 
 #: After the cache disk filled up, how long blob misses stream through uncached before we try caching again.
 DISK_FULL_BACKOFF = 30.0
@@ -52,6 +62,10 @@ class FillFailed(Exception):
 
 class DiskFull(Exception):
     """The cache disk is full: serve this blob straight from the upstream, uncached."""
+
+
+class OwnerFailed(Exception):
+    """The fill another process ran ended before the upstream answered: ask again (and maybe run it here)."""
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -72,13 +86,20 @@ def is_disk_full(error: BaseException | None) -> bool:
 class Fill:
     """A download of one blob in progress, readable by any number of followers.
 
-    It runs with the repository of its first requester, ``target``: the upstream answers for that one.
+    It runs with the repository of its first requester, ``target``: the upstream answers for that one. A fill
+    another process runs is followed through the same object (``repository`` and ``credentialed`` are then the
+    owner's, and ``target`` the one this process would take it over with).
     """
 
     def __init__(self, digest: str, path: str, target: Target, started: float = 0.0) -> None:
         self.digest = digest
         self.path = path
         self.target = target
+        self.repository = repository(target)
+        #: Fetched with credentials: private content, though its record is only written once it is verified.
+        self.credentialed = target.upstream.credentials is not None
+        #: Run by another process (until this one takes it over).
+        self.foreign = False
         self.started = started  # reactor time: the status page shows the fill's rate
         self.size: int | None = None
         self.written = 0
@@ -153,9 +174,10 @@ class _BodyWriter(protocol.Protocol):
 class _FillRunner:
     """Drives one :class:`Fill` from the upstream: request, resume on a cut, verify, commit."""
 
-    def __init__(self, fill: Fill, fd: int, client: UpstreamClient, manager: FillManager) -> None:
+    def __init__(self, fill: Fill, claim: Claim, client: UpstreamClient, manager: FillManager) -> None:
         self.fill = fill
-        self.fd = fd
+        self.claim = claim
+        self.fd = claim.fd
         self.client = client
         self.name = fill.target.name
         self.storage = manager.storage
@@ -178,6 +200,9 @@ class _FillRunner:
 
     async def run(self) -> None:
         fill = self.fill
+        if fill.written:  # taken over from a process that died: its bytes count, once hashed
+            self.sha = await self.disk.run(_hash_prefix, self.fd, fill.written, timeout=60 + fill.written / 2**24)
+        self._tell()
         if self.bucket is not None:
             await self._from_bucket()
         if fill.size is None or fill.written < fill.size:
@@ -191,7 +216,7 @@ class _FillRunner:
         await self.disk.run(os.fsync, self.fd)
         if self.verified is not None:
             await self.verified(fill.target, fill.digest)  # before the blob appears: no process may find it unrecorded
-        await self.storage.commit(fill.path, fill.digest)
+        await self.storage.commit(fill.path, fill.digest)  # followers in other processes: the tail is theirs
         if self.bucket is not None and self.from_bucket < fill.written:
             self.bucket.blob_stored(fill.digest)  # the bucket lacked it (or said nothing): upload, in the background
 
@@ -202,7 +227,7 @@ class _FillRunner:
         if size is None or not await self.bucket.may_serve(fill.digest, repository(fill.target)):
             return
         try:
-            response = await self.bucket.read_blob(fill.digest, 0)
+            response = await self.bucket.read_blob(fill.digest, fill.written)
         except Exception as e:
             log.warn("object store read of {digest} failed ({e}): asking the upstream", digest=fill.digest, e=e)
             return
@@ -215,6 +240,7 @@ class _FillRunner:
             raise
         fill.answered = True
         fill.source = "bucket"
+        self._tell()
         fill._notify()
         writer = _BodyWriter(self, 0)
         before = fill.written
@@ -247,6 +273,7 @@ class _FillRunner:
                 raise
             if not fill.answered:
                 fill.answered = True
+                self._tell()
                 fill._notify()
             writer = _BodyWriter(self, skip)
             response.deliverBody(writer)
@@ -264,6 +291,12 @@ class _FillRunner:
                 digest=fill.digest,
                 n=fill.written,
             )
+
+    def _tell(self) -> None:
+        """What followers in other processes must know, in the fill's info file."""
+        fill = self.fill
+        info = FillInfo(fill.repository, fill.credentialed, fill.source, fill.size, fill.answered, os.getpid())
+        partial.write_info(fill.path, info)
 
     async def _check_space(self, size: int) -> None:
         """Make room on the disk for a fill (least recently used entries go), or refuse it: the clients then
@@ -290,8 +323,94 @@ class _FillRunner:
         if response.code == 206 and fill.written:
             content_range = header(response, "Content-Range") or ""
             if content_range.startswith(f"bytes {fill.written}-"):
+                total = content_range.rpartition("/")[2]
+                if fill.size is None and total.isdigit():  # a fill taken over: the size comes with the rest
+                    fill.size = int(total)
                 return 0
         raise UpstreamError(self.client.registry, f"HTTP {response.code} for blob {fill.digest}", 502)
+
+
+class _Follower:
+    """Drives a :class:`Fill` another process runs: its progress is its file's size, its end the file's path
+    (renamed into ``blobs/``: verified; gone otherwise: failed). When the owner dies, this process takes over."""
+
+    def __init__(self, fill: Fill, claim: Claim, client: UpstreamClient, manager: FillManager) -> None:
+        self.fill = fill
+        self.claim = claim
+        self.client = client
+        self.manager = manager
+        self.looks = 0
+        self.loop = task.LoopingCall(self.look)
+        self.loop.clock = manager.reactor
+
+    def start(self) -> None:
+        self.loop.start(POLL, now=True).addErrback(self._broken)
+
+    def look(self) -> None:
+        fill, claim = self.fill, self.claim
+        self.looks += 1
+        if not fill.answered:
+            info = partial.read_info(claim.path)
+            if info is not None:
+                fill.repository, fill.credentialed, fill.source = info.repository, info.credentialed, info.source
+                if info.answered:
+                    fill.size, fill.answered = info.size, True
+        written = claim.written
+        grew = written != fill.written
+        fill.written = written
+        if not partial.same_file(claim.path, claim.fd):
+            self._ended()
+        elif self.looks % TAKE_EVERY == 0 and claim.take():
+            self._take_over()
+        elif grew:
+            fill._notify()
+
+    def _ended(self) -> None:
+        fill = self.fill
+        committed = partial.same_file(self.manager.storage.blob_path(fill.digest), self.claim.fd)
+        if committed:
+            fill.answered = fill.done = True
+            fill.size = fill.written
+        elif fill.answered:
+            fill.failure = Failure(FillFailed(f"the fill of {fill.digest} in another process failed"))
+        else:
+            fill.failure = Failure(OwnerFailed(fill.digest))
+        self._stop()
+
+    def _take_over(self) -> None:
+        """The owner died: its lock is ours. Append to what it wrote; our readers never notice."""
+        fill = self.fill
+        log.info("fill of {digest} lost its process at {n} bytes: taken over", digest=fill.digest, n=fill.written)
+        self.loop.stop()
+        del self.manager.following[fill.digest]
+        fill.repository = repository(fill.target)
+        fill.credentialed = fill.target.upstream.credentials is not None
+        self.manager.run(fill, self.claim, self.client)
+
+    def _broken(self, failure: Failure) -> None:
+        log.failure("following the fill of {digest}", failure, digest=self.fill.digest)
+        self.fill.failure = failure
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.loop.running:
+            self.loop.stop()
+        self.manager.following.pop(self.fill.digest, None)
+        self.claim.release(remove=False)
+        self.fill._notify()
+
+
+def _hash_prefix(fd: int, size: int) -> Any:
+    """sha256 of the first ``size`` bytes of ``fd`` (in the disk pool: a taken-over fill's bytes so far)."""
+    sha = hashlib.sha256()
+    done = 0
+    while done < size:
+        chunk = os.pread(fd, min(1 << 20, size - done), done)
+        if not chunk:
+            raise FillFailed("the partial file shrank")
+        sha.update(chunk)
+        done += len(chunk)
+    return sha
 
 
 class FillManager:
@@ -317,40 +436,56 @@ class FillManager:
         self.verified: Callable[[Target, str], Awaitable[None]] | None = None
         #: The shared tier (``storage.s3``): the first source of a fill, and where new blobs are uploaded.
         self.bucket: Bucket | None = None
-        self.fills: dict[str, Fill] = {}
+        self.fills: dict[str, Fill] = {}  # the fills this process runs
+        self.following: dict[str, Fill] = {}  # fills other processes run, followed from the disk
         self.disk_full_until = 0.0
 
     def get(self, digest: str) -> Fill | None:
-        return self.fills.get(digest)
+        return self.fills.get(digest) or self.following.get(digest)
 
     def start(self, digest: str, client: UpstreamClient, target: Target) -> Fill:
-        """The fill under way for ``digest``, or a new one asking ``client`` for it in ``target``'s repository."""
-        existing = self.fills.get(digest)
+        """The fill under way for ``digest`` (here or in another process on the cache directory), or a new one
+        asking ``client`` for it in ``target``'s repository."""
+        existing = self.get(digest)
         if existing is not None:
             return existing
         if self.reactor.seconds() < self.disk_full_until:
             raise DiskFull()
         try:
-            path, fd = self.storage.temp_file(digest)
+            claim = partial.claim(self.storage.tmp, digest)
         except OSError as e:
             if is_disk_full(e):
                 self._disk_full()
                 raise DiskFull() from e
             raise
-        fill = Fill(digest, path, target, self.reactor.seconds())
-        self.fills[digest] = fill
-        runner = _FillRunner(fill, fd, client, self)
-        d = defer.ensureDeferred(runner.run())
-        d.addBoth(self._finished, fill, fd, fill.started)
+        fill = Fill(digest, claim.path, target, self.reactor.seconds())
+        if not claim.owned:  # whose it is comes with the owner's info file: until then, nobody's and private
+            fill.foreign, fill.repository, fill.credentialed = True, "", True
+            self.following[digest] = fill
+            _Follower(fill, claim, client, self).start()
+            return fill
+        if self.storage.blob_size(digest) is not None:  # committed by another process a moment ago
+            claim.release(remove=True)
+            fill.repository = ""  # unknown: the caller checks private content as for anyone else's fill
+            fill.answered = fill.done = True
+            return fill
+        self.run(fill, claim, client)
         return fill
 
-    def _finished(self, result: Any, fill: Fill, fd: int, began: float) -> None:
-        os.close(fd)
+    def run(self, fill: Fill, claim: Claim, client: UpstreamClient) -> None:
+        """Drive ``fill`` from its sources, appending to the claimed file (bytes already there, left by an owner
+        that died, are resumed from, not fetched again); the claim is let go when it ends."""
+        fill.written = os.lseek(claim.fd, 0, os.SEEK_END)
+        self.fills[fill.digest] = fill
+        runner = _FillRunner(fill, claim, client, self)
+        d = defer.ensureDeferred(runner.run())
+        d.addBoth(self._finished, fill, runner, self.reactor.seconds())
+
+    def _finished(self, result: Any, fill: Fill, runner: _FillRunner, began: float) -> None:
+        runner.claim.release(remove=isinstance(result, Failure))  # a failed fill's file goes before its lock
         del self.fills[fill.digest]
         if isinstance(result, Failure):
             fill.failure = result
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(fill.path)
             if is_disk_full(result.value):
                 self._disk_full()
             elif not isinstance(result.value, RegistryError):

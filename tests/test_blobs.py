@@ -10,6 +10,7 @@ from twisted.trial import unittest
 from twisted.web.client import ResponseFailed
 
 from dioproxy.storage.cachedir import BLOB
+from dioproxy.storage.partial import part_path
 from tests.harness import Proxy, eventually, start_upstream
 
 MB = 1024 * 1024
@@ -270,9 +271,10 @@ class RestartTests(unittest.TestCase):
         digest = fake.add_blob(data)
         cache = os.path.abspath(self.mktemp())
         first = Proxy(self, fake.registry_url, cache_dir=cache)
-        _path, fd = first.mirror.storage.temp_file(digest)  # a fill that was killed half-way
-        os.write(fd, data[:1000])
-        os.close(fd)
+        with open(os.path.join(first.mirror.storage.tmp, "leftover"), "wb") as f:  # a crashed small write
+            f.write(data[:1000])
+        with open(part_path(first.mirror.storage.tmp, digest), "wb") as f:  # a fill that was killed half-way
+            f.write(data[:1000])
         yield first.stop()
         second = Proxy(self, fake.registry_url, cache_dir=cache)
         self.assertEqual(second.temp_files(), [])

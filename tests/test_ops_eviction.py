@@ -125,9 +125,9 @@ class BoundTests(unittest.TestCase):
 
     def put_blob(self, n: int, size: int) -> str:
         digest = digest_of(n)
-        path, fd = self.storage.temp_file(digest)
-        os.write(fd, b"x" * size)
-        os.close(fd)
+        path = os.path.join(self.storage.tmp, "new")
+        with open(path, "wb") as f:
+            f.write(b"x" * size)
         self.storage.commit_blob(path, digest)
         self.clock.now += 1
         return digest

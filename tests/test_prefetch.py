@@ -184,7 +184,8 @@ class StalledFillTests(unittest.TestCase):
         """The wait on a fill has a deadline (2 x timeouts.read + timeouts.connect without a byte), a backstop
         behind the fill's own stall timer; progress restarts it."""
         clock = task.Clock()
-        target = type("T", (), {"registry": "docker.io"})()
+        upstream = type("U", (), {"credentials": None})()
+        target = type("T", (), {"registry": "docker.io", "name": "library/x", "upstream": upstream})()
         fill = Fill("sha256:" + "c" * 64, "/nonexistent", target)
 
         class Stub:

@@ -7,7 +7,7 @@ Layout under the cache directory::
     manifests/sha256/<hex>         media type, a newline, then the manifest bytes
     repos/<registry>/<name>/_tags/<tag>   JSON tag entry ({"digest", "media_type", "size", "checked"})
     private/<hex>                  JSON list of the repositories credentialed content was seen in
-    tmp/                           fills in progress; emptied at start
+    tmp/                           fills in progress (<hex>.part, locked by their owner: storage/partial.py)
 
 Every entry appears by ``rename`` of a complete, verified (and for small files fsynced) temp file, so a crash never
 leaves a half-written entry in place. ``_tags`` cannot collide with a repository path: name components never start
@@ -29,6 +29,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dioproxy.pools import BlockingPool
+from dioproxy.storage import partial
 from dioproxy.storage.base import Listed, TagEntry
 
 log = Logger()
@@ -135,9 +136,14 @@ class DiskStorage:
         self._settled: list[defer.Deferred] = []
 
     def clean_temp(self) -> int:
-        """Remove what a crash left in ``tmp/``; returns how many files. Only safe before serving starts."""
-        removed = 0
+        """Remove what a crash left in ``tmp/``; returns how many files. Partial files another process on this
+        directory is filling stay (:mod:`dioproxy.storage.partial`); the rest is only safe before serving starts."""
+        removed = partial.remove_unclaimed(self.tmp)
         for entry in os.scandir(self.tmp):
+            if entry.name.endswith(partial.PART) or (
+                entry.name.endswith(partial.INFO) and os.path.exists(entry.path[: -len(partial.INFO)] + partial.PART)
+            ):
+                continue
             try:
                 os.unlink(entry.path)
                 removed += 1
@@ -155,12 +161,6 @@ class DiskStorage:
             return os.stat(self.blob_path(digest)).st_size
         except FileNotFoundError:
             return None
-
-    def temp_file(self, digest: str) -> tuple[str, int]:
-        """A new, private temp file for a fill: its path and a write descriptor."""
-        path = os.path.join(self.tmp, f"{_hex(digest)}.{secrets.token_hex(6)}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        return path, fd
 
     def commit_blob(self, temp_path: str, digest: str) -> str:
         final = self.blob_path(digest)
