@@ -45,11 +45,11 @@ class MirrorChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._over_limit = not self.site.connection_opened()
+        self._over_limit = not self.site.connection_opened(self)
 
     def connectionLost(self, reason: Any) -> None:
         self._unstuck()
-        self.site.connection_closed()
+        self.site.connection_closed(self)
         super().connectionLost(reason)
 
     def pauseProducing(self) -> None:

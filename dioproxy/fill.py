@@ -375,7 +375,7 @@ class _Follower:
             fill.failure = Failure(FillFailed(f"the fill of {fill.digest} in another process failed"))
         else:
             fill.failure = Failure(OwnerFailed(fill.digest))
-        self._stop()
+        self.stop()
 
     def _take_over(self) -> None:
         """The owner died: its lock is ours. Append to what it wrote; our readers never notice."""
@@ -383,6 +383,7 @@ class _Follower:
         log.info("fill of {digest} lost its process at {n} bytes: taken over", digest=fill.digest, n=fill.written)
         self.loop.stop()
         del self.manager.following[fill.digest]
+        del self.manager._followers[fill.digest]
         fill.repository = repository(fill.target)
         fill.credentialed = fill.target.upstream.credentials is not None
         self.manager.run(fill, self.claim, self.client)
@@ -390,13 +391,14 @@ class _Follower:
     def _broken(self, failure: Failure) -> None:
         log.failure("following the fill of {digest}", failure, digest=self.fill.digest)
         self.fill.failure = failure
-        self._stop()
+        self.stop()
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         if self.loop.running:
             self.loop.stop()
-        self.manager.following.pop(self.fill.digest, None)
-        self.claim.release(remove=False)
+        if self.manager._followers.get(self.fill.digest) is self:
+            del self.manager.following[self.fill.digest], self.manager._followers[self.fill.digest]
+            self.claim.release(remove=False)
         self.fill._notify()
 
 
@@ -438,10 +440,16 @@ class FillManager:
         self.bucket: Bucket | None = None
         self.fills: dict[str, Fill] = {}  # the fills this process runs
         self.following: dict[str, Fill] = {}  # fills other processes run, followed from the disk
+        self._followers: dict[str, _Follower] = {}
         self.disk_full_until = 0.0
 
     def get(self, digest: str) -> Fill | None:
         return self.fills.get(digest) or self.following.get(digest)
+
+    def stop(self) -> None:
+        """Shutting down: stop following other processes' fills (their readers are cut with the connections)."""
+        for follower in list(self._followers.values()):
+            follower.stop()
 
     def start(self, digest: str, client: UpstreamClient, target: Target) -> Fill:
         """The fill under way for ``digest`` (here or in another process on the cache directory), or a new one
@@ -462,7 +470,8 @@ class FillManager:
         if not claim.owned:  # whose it is comes with the owner's info file: until then, nobody's and private
             fill.foreign, fill.repository, fill.credentialed = True, "", True
             self.following[digest] = fill
-            _Follower(fill, claim, client, self).start()
+            self._followers[digest] = _Follower(fill, claim, client, self)
+            self._followers[digest].start()
             return fill
         if self.storage.blob_size(digest) is not None:  # committed by another process a moment ago
             claim.release(remove=True)

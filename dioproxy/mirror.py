@@ -216,6 +216,8 @@ class Mirror:
         """Drop the upstream connections we keep for reuse, stop the cache bound's timers (a Deferred)."""
         self.prefetcher.stop()
         self.health.stop()
+        if self.fills:
+            self.fills.stop()
         stopped = self.cache.stop() if self.cache else defer.succeed(None)
         written = self.storage.settled() if self.storage else defer.succeed(None)  # small files, in the disk pool
         shared = self.bucket.stop() if self.bucket else defer.succeed(None)
@@ -226,9 +228,10 @@ class Mirror:
         self.pools.stop()  # after the index flush and the small writes, which run in them
         return result
 
-    def start(self) -> int:
-        """Prepare the cache before serving: drop what an earlier crash left half-written; index it (in a thread)."""
-        removed = self.storage.clean_temp() if self.storage else 0
+    def start(self, clean: bool = True) -> int:
+        """Prepare the cache before serving: drop what an earlier crash left half-written (``clean``); index it
+        (in a thread)."""
+        removed = self.storage.clean_temp() if self.storage and clean else 0
         if self.cache:
             self.cache.start()
         if self.bucket:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from typing import Any
 
 from twisted.application import internet, service
 from twisted.internet import defer, ssl
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from dioproxy import __version__
@@ -18,8 +20,12 @@ from dioproxy.mirror import Mirror
 from dioproxy.reload import ConfigReloader
 from dioproxy.resources import Root
 from dioproxy.site import MirrorSite
+from dioproxy.workers import SharedPort, Workers, worker_count
 
 log = Logger()
+
+#: On stop, how long the requests under way have to finish once the port is closed.
+DRAIN_TIMEOUT = 30.0
 
 
 class Options(usage.Options):
@@ -34,11 +40,17 @@ class Options(usage.Options):
         ["htpasswd", None, None, "bcrypt htpasswd file: clients must log in (docker login / podman login)"],
         ["tls-cert", None, None, "serve HTTPS with this PEM certificate (chain)"],
         ["tls-key", None, None, "the PEM private key for --tls-cert"],
+        ["workers", "w", "1", "processes serving the port and cache directory together (auto: one per core)"],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["upstream"] = []
+        self.args: list[str] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        self.args = list(sys.argv[1:] if options is None else options)  # what each worker is started with
+        super().parseOptions(options)
 
     def opt_upstream(self, value: str) -> None:
         """REGISTRY=URL, e.g. docker.io=https://registry-1.docker.io (repeatable; overrides the config)"""
@@ -47,6 +59,10 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["server.port"] is not None:
             self["port"] = self["server.port"]
+        try:
+            self["workers"] = worker_count(str(self["workers"]))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         try:
             config = load_config(self["config"], self["upstream"], self["cache-dir"])
             security = config.security
@@ -68,15 +84,20 @@ class Options(usage.Options):
 
 
 class MirrorService(service.MultiService):
-    """Cleans the cache's leftovers before the port opens; reloads the config on SIGHUP or when it changes."""
+    """Cleans the cache's leftovers before the port opens; reloads the config on SIGHUP or when it changes; on
+    stop, lets the requests under way finish (up to :data:`DRAIN_TIMEOUT`) once the port is closed."""
 
-    def __init__(self, mirror: Mirror, reloader: ConfigReloader | None = None) -> None:
+    def __init__(
+        self, mirror: Mirror, reloader: ConfigReloader | None = None, site: MirrorSite | None = None, clean: bool = True
+    ) -> None:
         super().__init__()
         self.mirror = mirror
         self.reloader = reloader
+        self.site = site
+        self.clean = clean  # False in a worker: the supervisor cleaned before any worker started
 
     def startService(self) -> None:
-        removed = self.mirror.start()
+        removed = self.mirror.start(clean=self.clean)
         config = self.mirror.config
         log.info(
             "dioproxy {version}: cache {cache} (tag TTL {ttl:.0f} s{leftovers}); upstreams: {upstreams}; "
@@ -102,6 +123,8 @@ class MirrorService(service.MultiService):
         if self.reloader is not None:
             self.reloader.stop()
         d = defer.maybeDeferred(super().stopService)
+        if self.site is not None:
+            d.addCallback(lambda _: self.site.drain(DRAIN_TIMEOUT, self.mirror.reactor))
         d.addCallback(lambda _: self.mirror.close())  # flushes the cache index and pending small writes
         return d
 
@@ -115,15 +138,30 @@ def reread(options: Options) -> Config:
 def makeService(options: Options, reactor: Any = None) -> service.IService:
     if reactor is None:
         from twisted.internet import reactor
-    mirror = Mirror(options.config, reactor)
-    reloader = ConfigReloader(mirror, lambda: reread(options), options["config"], reactor, refusals=(usage.UsageError,))
-    top = MirrorService(mirror, reloader)
-    site = MirrorSite(Root(mirror))
+    if options["workers"] > 1:
+        cache_dir = options.config.cache_dir if options.config.cache_enabled else None
+        return Workers(options["workers"], options.args, options["port"], options["interface"], cache_dir, reactor)
+    top, site = _mirror_service(options, reactor)
     if options.tls is not None:
         internet.SSLServer(options["port"], site, options.tls, interface=options["interface"]).setServiceParent(top)
     else:
         internet.TCPServer(options["port"], site, interface=options["interface"]).setServiceParent(top)
     return top
+
+
+def make_worker(options: Options, reactor: Any) -> service.IService:
+    """One worker of ``--workers N`` (:mod:`dioproxy.workers`): the mirror on its share of the port."""
+    top, site = _mirror_service(options, reactor, clean=False)
+    factory = site if options.tls is None else TLSMemoryBIOFactory(options.tls, False, site)
+    SharedPort(options["port"], options["interface"], factory, reactor).setServiceParent(top)
+    return top
+
+
+def _mirror_service(options: Options, reactor: Any, clean: bool = True) -> tuple[MirrorService, MirrorSite]:
+    mirror = Mirror(options.config, reactor)
+    reloader = ConfigReloader(mirror, lambda: reread(options), options["config"], reactor, refusals=(usage.UsageError,))
+    site = MirrorSite(Root(mirror))
+    return MirrorService(mirror, reloader, site, clean), site
 
 
 def tls_options(config: Config) -> ssl.CertificateOptions:

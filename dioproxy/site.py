@@ -7,6 +7,7 @@ import resource
 import time
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import server
 
@@ -14,6 +15,7 @@ from dioproxy.channel import MirrorChannel
 from dioproxy.policy import ClientAddresses
 
 log = Logger(namespace="dioproxy.access")
+_events = Logger()
 
 
 def client_address(request: server.Request, addresses: ClientAddresses) -> str:
@@ -64,6 +66,8 @@ class MirrorSite(server.Site):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.connections = 0  # client connections open now
+        self._channels: set[Any] = set()
+        self._drained: list[defer.Deferred] = []
         self._fd_default = default_max_connections()
 
     @property
@@ -80,13 +84,39 @@ class MirrorSite(server.Site):
         channel.timeOut = self.client_timeout  # idle between requests (Twisted pauses it while one is served)
         return channel
 
-    def connection_opened(self) -> bool:
+    def connection_opened(self, channel: Any) -> bool:
         """Count a new connection; False when it is over ``limits.max_connections`` (it gets a 503)."""
         self.connections += 1
+        self._channels.add(channel)
         return self.connections <= self.max_connections
 
-    def connection_closed(self) -> None:
+    def connection_closed(self, channel: Any) -> None:
         self.connections -= 1
+        self._channels.discard(channel)
+        if not self._channels:
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                d.callback(None)
+
+    def drain(self, timeout: float, reactor: Any) -> defer.Deferred:
+        """Shutting down, with the port closed: idle connections close now, busy ones after their response;
+        fires once all are gone, or after ``timeout`` (then the rest are cut)."""
+        for channel in list(self._channels):
+            if channel._handlingRequest:
+                channel.persistent = False
+            else:
+                channel.transport.loseConnection()
+        if not self._channels:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._drained.append(d)
+
+        def cut(_: Any) -> None:
+            _events.warn("{n} connections still busy after {s:.0f} s: closed", n=len(self._channels), s=timeout)
+            for channel in list(self._channels):
+                channel.transport.abortConnection()
+
+        return d.addTimeout(timeout, reactor).addErrback(lambda f: f.trap(defer.TimeoutError) and cut(f))
 
     def log(self, request: MirrorRequest, aborted: bool = False) -> None:
         if request.dioproxy_logged:
