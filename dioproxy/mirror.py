@@ -228,13 +228,14 @@ class Mirror:
         self.pools.stop()  # after the index flush and the small writes, which run in them
         return result
 
-    def start(self, clean: bool = True) -> int:
+    def start(self, clean: bool = True, prefetch: bool = True) -> int:
         """Prepare the cache before serving: drop what an earlier crash left half-written (``clean``); index it
-        (in a thread)."""
+        (in a thread); keep the ``prefetch:`` list warm (``prefetch``)."""
         removed = self.storage.clean_temp() if self.storage and clean else 0
         if self.cache:
             self.cache.start()
         if self.bucket:
             self.bucket_started = defer.ensureDeferred(self.bucket.start())
-        self.prefetcher.start()
+        if prefetch:
+            self.prefetcher.start()
         return removed

@@ -88,16 +88,21 @@ class MirrorService(service.MultiService):
     stop, lets the requests under way finish (up to :data:`DRAIN_TIMEOUT`) once the port is closed."""
 
     def __init__(
-        self, mirror: Mirror, reloader: ConfigReloader | None = None, site: MirrorSite | None = None, clean: bool = True
+        self,
+        mirror: Mirror,
+        reloader: ConfigReloader | None = None,
+        site: MirrorSite | None = None,
+        worker: int | None = None,
     ) -> None:
         super().__init__()
         self.mirror = mirror
         self.reloader = reloader
         self.site = site
-        self.clean = clean  # False in a worker: the supervisor cleaned before any worker started
+        self.worker = worker  # the index of this worker of ``--workers N``; None: the only process
 
     def startService(self) -> None:
-        removed = self.mirror.start(clean=self.clean)
+        # The supervisor cleaned before any worker started; the first worker alone keeps the prefetch list warm.
+        removed = self.mirror.start(clean=self.worker is None, prefetch=self.worker in (None, 0))
         config = self.mirror.config
         log.info(
             "dioproxy {version}: cache {cache} (tag TTL {ttl:.0f} s{leftovers}); upstreams: {upstreams}; "
@@ -149,19 +154,19 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     return top
 
 
-def make_worker(options: Options, reactor: Any) -> service.IService:
-    """One worker of ``--workers N`` (:mod:`dioproxy.workers`): the mirror on its share of the port."""
-    top, site = _mirror_service(options, reactor, clean=False)
+def make_worker(options: Options, index: int, reactor: Any) -> service.IService:
+    """Worker ``index`` of ``--workers N`` (:mod:`dioproxy.workers`): the mirror on its share of the port."""
+    top, site = _mirror_service(options, reactor, index)
     factory = site if options.tls is None else TLSMemoryBIOFactory(options.tls, False, site)
     SharedPort(options["port"], options["interface"], factory, reactor).setServiceParent(top)
     return top
 
 
-def _mirror_service(options: Options, reactor: Any, clean: bool = True) -> tuple[MirrorService, MirrorSite]:
+def _mirror_service(options: Options, reactor: Any, worker: int | None = None) -> tuple[MirrorService, MirrorSite]:
     mirror = Mirror(options.config, reactor)
     reloader = ConfigReloader(mirror, lambda: reread(options), options["config"], reactor, refusals=(usage.UsageError,))
     site = MirrorSite(Root(mirror))
-    return MirrorService(mirror, reloader, site, clean), site
+    return MirrorService(mirror, reloader, site, worker), site
 
 
 def tls_options(config: Config) -> ssl.CertificateOptions:

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout, timeFormat="")], redirectStandardIO=False)
     options = Options()
     options.parseOptions(plugin_args)
-    top = make_worker(options, reactor)
+    top = make_worker(options, args.index, reactor)
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
