@@ -15,8 +15,7 @@ from typing import Callable
 
 from twisted.logger import Logger
 
-from dioproxy.fleet.lease import PREFIX
-from dioproxy.fleet.redis import Redis, Subscription
+from dioproxy.fleet.redis import PREFIX, Redis, Subscription
 
 log = Logger()
 

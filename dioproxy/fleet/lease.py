@@ -21,9 +21,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from dioproxy.fleet.redis import Redis
-
-PREFIX = "dioproxy:"
+from dioproxy.fleet.redis import PREFIX, Redis
 
 _ACQUIRE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end

@@ -46,6 +46,8 @@ KEEPALIVE = 5.0
 RECONNECT_FIRST, RECONNECT_CAP = 0.1, 2.0
 #: Connections per client (commands are pipelined on them).
 POOL = 2
+#: The start of every key and channel of the fleet's (one Redis can serve several fleets with other prefixes).
+PREFIX = "dioproxy:"
 
 
 class FleetUnavailable(Exception):

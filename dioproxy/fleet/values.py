@@ -13,8 +13,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from dioproxy.fleet.lease import PREFIX
-from dioproxy.fleet.redis import Redis
+from dioproxy.fleet.redis import PREFIX, Redis
 
 log = Logger()
 
