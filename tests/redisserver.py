@@ -116,6 +116,13 @@ class RedisServer:
             process.kill()
             process.wait(grace)
 
+    def kill(self) -> None:
+        """SIGKILL, paused or not: the process dies without answering anything pending (a crash)."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(5)
+
     def pause(self) -> None:
         """SIGSTOP: the port stays open and accepts connections, but nothing answers (a stalled Redis)."""
         self.process.send_signal(signal.SIGSTOP)

@@ -4,8 +4,9 @@ txredisapi is Twisted-native (commands are Deferreds on the reactor) but, while 
 forever for a connection, and one sent to a stalled Redis waits forever for its reply. So here:
 
 - every call is under :data:`DEADLINE` (waiting for a connection included) and raises :class:`FleetUnavailable`
-  when Redis does not answer in time, is not connected, or loses the connection. A call that timed out drops the
-  pool's connections (they are suspect; a half-open one would never answer) and txredisapi opens new ones.
+  when Redis does not answer in time or loses the connection; at once when the last connection was lost or
+  refused and none is up. A call that timed out drops the pool's connections (they are suspect; a half-open one
+  would never answer) and txredisapi opens new ones.
 - the down-breaker: after such a failure every call raises FleetUnavailable at once, without asking Redis, until
   a background PING (every :data:`DOWN_FOR` seconds) is answered. No client request waits for each deadline, and
   none is used as the probe.
@@ -132,6 +133,16 @@ class _Factory(txredisapi.RedisFactory):
     def __init__(self, address: RedisAddress, poolsize: int, deadline: float, reactor: Any) -> None:
         super().__init__(address.label, None, poolsize, isLazy=True, convertNumbers=False)
         self.label, self.setup, self.deadline, self.reactor = address.label, address.setup(), deadline, reactor
+        self.unreachable = False  # a connection was lost or refused, and none was made since
+
+    def retryDelay(self, attempt: int) -> float:
+        self.unreachable = True  # asked before every reconnection attempt
+        return super().retryDelay(attempt)
+
+    def addConnection(self, conn: Any) -> None:
+        super().addConnection(conn)
+        if conn in self.pool:
+            self.unreachable = False
 
 
 def _endpoint(address: RedisAddress, reactor: Any, deadline: float) -> HostnameEndpoint:
@@ -192,6 +203,9 @@ class Redis:
         return await self._send(what, start)
 
     async def _send(self, what: str, start: Callable[[Any], defer.Deferred]) -> Any:
+        if self._factory.unreachable and not self._factory.pool:
+            self._mark_down(f"{what}: not connected")  # refused or lost: no use waiting for the deadline
+            raise FleetUnavailable(f"Redis {self.address.label}: not connected, {what} not sent")
         d = start(self._factory.handler)
         d.addTimeout(self.deadline, self.reactor)
         try:
@@ -250,6 +264,8 @@ class Redis:
         on_subscribed: Callable[[], None] | None = None,
     ) -> Subscription:
         """Call ``on_message(message)`` for each message on ``channel``, on a connection of its own."""
+        if self.closed:
+            raise FleetUnavailable(f"Redis {self.address.label}: client closed")
         subscription = Subscription(
             self.address, channel, on_message, on_subscribed, self.reactor, self.deadline, self.keepalive
         )
