@@ -245,6 +245,7 @@ class AddressTest(TestCase):
         self.assertEqual((a.host, a.port, a.db, a.username, a.password), ("10.0.0.2", 6380, 3, "user", "p@ss"))
         self.assertEqual(a.setup(), [("AUTH", "user", "p@ss"), ("SELECT", 3)])
         self.assertEqual(RedisAddress.parse("redis://:pw@h/0").setup(), [("AUTH", "pw")])
+        self.assertNotIn("p@ss", repr(a))
         for bad in ("http://h", "redis://", "redis://h/x", "redis://h:port", "rediss://h"):
             with self.assertRaises(ValueError, msg=bad):
                 RedisAddress.parse(bad)

@@ -26,7 +26,7 @@ was waiting for.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
@@ -64,7 +64,7 @@ class RedisAddress:
     port: int = 6379
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log line
 
     @classmethod
     def parse(cls, url: str) -> RedisAddress:
