@@ -27,6 +27,9 @@ setup(
         # (head, list, delete, multipart bookkeeping) in a thread pool of its own, and presigning; data goes
         # through treq against presigned URLs, so it streams on the reactor.
         "boto3>=1.28",
+        # The fleet's coordination (leases, shared tags, events) talks to Redis through txredisapi: Twisted-native
+        # (commands are Deferreds on the reactor), so no thread pool sits between a request and its lease.
+        "txredisapi>=1.6",
     ],
     extras_require={
         # cryptography signs the JWTs of the test world's token service (RS256, like Docker Hub's);

@@ -1,0 +1,55 @@
+"""Small JSON values shared by the fleet, each with a TTL: tag entries (a tag checked by one replica is trusted by
+all until its TTL), and whatever else is small, replaceable and fine to lose (Redis restarted empty: every
+replica asks the upstream once more).
+
+A value that is not JSON, or larger than :data:`MAX_VALUE`, reads as missing: it was not written by us, and
+nothing a replica reads from Redis is trusted more than a cache miss.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.logger import Logger
+
+from dioproxy.fleet.redis import PREFIX, Redis
+
+log = Logger()
+
+#: Largest value written or read (a tag entry is about 200 bytes).
+MAX_VALUE = 64 * 1024
+
+
+class SharedValues:
+    """JSON values under ``<prefix><namespace>:<key>``, e.g. ``SharedValues(redis, "tag")``."""
+
+    def __init__(self, redis: Redis, namespace: str, prefix: str = PREFIX) -> None:
+        self.redis, self.base = redis, f"{prefix}{namespace}:"
+
+    def key(self, key: str) -> str:
+        return self.base + key
+
+    async def get(self, key: str) -> Any | None:
+        """The value, or None (missing, expired, unreadable); FleetUnavailable if Redis cannot be asked."""
+        data = await self.redis.call("GET", self.key(key))
+        if data is None:
+            return None
+        if not isinstance(data, str) or len(data) > MAX_VALUE:
+            log.warn("shared value {key} unreadable or too large: ignored", key=self.key(key))
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            log.warn("shared value {key} is not JSON: ignored", key=self.key(key))
+            return None
+
+    async def set(self, key: str, value: Any, ttl: float) -> None:
+        """Replace the value, to expire ``ttl`` seconds from now; ValueError if it is too large."""
+        data = json.dumps(value, separators=(",", ":"))
+        if len(data) > MAX_VALUE:
+            raise ValueError(f"shared value {key} is {len(data)} bytes, more than {MAX_VALUE}")
+        await self.redis.call("SET", self.key(key), data, "PX", max(1, round(ttl * 1000)))
+
+    async def delete(self, key: str) -> None:
+        await self.redis.call("DEL", self.key(key))
