@@ -306,7 +306,12 @@ class StoreOutageTests(BucketTestCase):
         await deferToThread(podman.verify, big)
         self.assertGreater(cold.upstream["docker.io blob"], 0)
         keys = object_keys(await deferToThread(mirror.access), [big]) | {f"tags/docker.io/{big.repository}/{big.tag}"}
-        self.assertIn("upload of blob", mirror.daemon.log_text(), "no upload was tried while the store was down")
+        await deferToThread(
+            mirror.daemon.wait_until,
+            lambda: "to the object store failed" in mirror.daemon.log_text(),
+            10,
+            "trying an upload while the store is down",
+        )
 
         await deferToThread(self.store.start)
         started = time.monotonic()
