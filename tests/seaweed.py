@@ -19,9 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import boto3
 from botocore.config import Config
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, threads
 
 WEED = os.path.join(os.path.dirname(sys.executable), "weed")
@@ -40,6 +42,7 @@ _PORT_FLAGS = (
     "s3.port.grpc",
     "admin.port",
     "admin.port.grpc",
+    "metricsPort",
 )
 
 
@@ -181,6 +184,20 @@ class SeaweedFS:
 
     def resume(self) -> None:
         self.process.send_signal(signal.SIGCONT)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of SeaweedFS's own Prometheus samples ``name`` whose labels include ``labels`` (its
+        ``-metricsPort``): what the store itself says it served, e.g. ``SeaweedFS_s3_bucket_traffic_sent_bytes_total``
+        (body bytes sent) or ``SeaweedFS_s3_request_total`` with ``type="GET"``. Blocking, 5 s deadline."""
+        url = f"http://127.0.0.1:{self.ports['metricsPort']}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
 
     def log_tail(self, size: int = 3000) -> str:
         try:

@@ -40,12 +40,18 @@ class ClientTestCase(unittest.TestCase):
     timeout = 600
 
     async def setUp(self) -> None:
+        await self.start_world()
+        self.proxy: Proxy = await self.start(Proxy(self.world, self.proxy_name()))
+
+    async def start_world(self) -> None:
+        """``self.world``, the shared upstreams (a test that starts its own proxies calls only this)."""
         if os.geteuid() != 0:
             self.fail("the end-to-end client tests run real daemons (dockerd, containerd, podman) and need root")
         self.world: World = await deferToThread(get_world)
-        self.proxy: Proxy = await self.start(
-            Proxy(self.world, self.id().rsplit(".", 2)[-2] + "." + self._testMethodName)
-        )
+
+    def proxy_name(self, suffix: str = "") -> str:
+        """``Class.test_method`` (plus ``suffix``): names a proxy's state directory and log file."""
+        return self.id().rsplit(".", 2)[-2] + "." + self._testMethodName + suffix
 
     async def start(self, thing: Any) -> Any:
         """Starts a harness (proxy, daemon) in a thread and registers its stop as a cleanup, even if start fails."""

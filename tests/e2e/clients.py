@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import snippets
@@ -30,6 +31,30 @@ TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 #: A proxy access-log line names the request path; this finds the registry API ones.
 PROXY_REQUEST = re.compile(r"\b(GET|HEAD) (/v2/\S*)")
+#: The whole line (dioproxy.site): method, URI, status (or ``aborted``), body bytes sent, time, outcome.
+PROXY_ACCESS = re.compile(r"\b(GET|HEAD) (/v2/\S*) (\d{3}|aborted) (\d+) [\d.]+ms (\S+)")
+
+
+@dataclass(frozen=True)
+class Access:
+    """One registry API request as the proxy logged it."""
+
+    method: str
+    uri: str
+    status: str
+    sent: int
+    outcome: str
+
+    @property
+    def digest(self) -> str | None:
+        """The digest a ``/blobs/`` or ``/manifests/`` URI names, if it names one (not a tag)."""
+        match = re.search(r"/(?:blobs|manifests)/(sha256:[0-9a-f]{64})", self.uri)
+        return match[1] if match else None
+
+    @property
+    def kind(self) -> str:
+        path = self.uri.split("?", 1)[0]
+        return "blob" if "/blobs/" in path else "manifest" if "/manifests/" in path else "other"
 
 
 def log_dir() -> Path:
@@ -80,6 +105,10 @@ class Proxy:
     def requests(self) -> list[str]:
         """``METHOD /v2/...`` of every registry API request in the proxy's access log."""
         return [f"{m[1]} {m[2]}" for m in PROXY_REQUEST.finditer(self.daemon.log_text())]
+
+    def access(self) -> list[Access]:
+        """Every registry API request in the proxy's access log, with its status and the bytes sent."""
+        return [Access(m[1], m[2], m[3], int(m[4]), m[5]) for m in PROXY_ACCESS.finditer(self.daemon.log_text())]
 
 
 class Dockerd:
