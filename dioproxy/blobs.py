@@ -86,7 +86,7 @@ class Blobs:
                 ask.outcome = "hit"
                 return KnownSize(size)
             return await self._upstream(ask)
-        ask.outcome = "miss"
+        ask.outcome = "hit" if fill.source == "bucket" else "miss"  # a miss is what the upstream was asked for
         if not fill.done:
             try:
                 return GrowingFile(fill.open(), fill)

@@ -121,6 +121,10 @@ class SharedTierTests(_TierTest):
         for digest in image.blobs:
             self.assertTrue(os.path.exists(second.blob_file(digest)))
         self.assertEqual(second.mirror.bucket.pending(), 0, "content read from the bucket was uploaded again")
+        misses = second.mirror.metrics.registry.get_sample_value(
+            "dioproxy_requests_total", {"endpoint": "blobs", "status": "200", "outcome": "miss", "registry": "docker.io"}
+        )
+        self.assertIsNone(misses, "blobs read from the bucket were counted as upstream fetches")
 
     @defer.inlineCallbacks
     def test_a_damaged_object_is_never_delivered_whole_and_is_replaced(self):
