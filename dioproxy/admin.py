@@ -9,7 +9,8 @@ the cache directory; print client configuration for this proxy's address.
     dioproxy client-config --docker|--podman|--containerd|--nginx|--systemd [--address mirror.example:8004]
 
 The cache commands read the directory directly (no proxy needed); with a proxy running on it they are safe: entries
-appear and disappear by rename/unlink only. After a purge or a repair, ``systemctl reload dioproxy`` (SIGHUP) has
+appear and disappear by rename/unlink only. With ``storage.s3`` in ``--config`` they work on the bucket too
+(:mod:`dioproxy.bucketadmin`). After a purge or a repair, ``systemctl reload dioproxy`` (SIGHUP) has
 the proxy re-read the directory at once instead of at its hourly rescan.
 """
 
@@ -37,6 +38,7 @@ from dioproxy.bucketadmin import BucketAdminError, Trees
 from dioproxy.config import ConfigError, S3Storage, load_config, parse_duration
 from dioproxy.manifests import INDEX_TYPES
 from dioproxy.names import ImageRef, check_digest
+from dioproxy.objectstore import ObjectStoreError
 from dioproxy.prefetch import blobs_of, select_platforms
 from dioproxy.storage.bucketscan import BucketScan
 from dioproxy.storage.cachedir import BLOB, MANIFEST, entry_path, scan, tags
@@ -737,7 +739,7 @@ def main(argv: list[str] | None = None, out: IO[str] | None = None, err: IO[str]
     args = parser().parse_args(argv)
     try:
         return args.func(args, out, err)
-    except (AdminError, BucketAdminError) as e:
+    except (AdminError, BucketAdminError, ObjectStoreError) as e:
         err.write(f"dioproxy {args.command}: {e}\n")
         return 2
     except KeyboardInterrupt:
