@@ -308,7 +308,8 @@ def purge(
                 "warning: no blob or manifest removed from the bucket: what a kept tag refers to is unknown ("
                 + "; ".join(plan.blocked_by[:3])
                 + (", ..." if len(plan.blocked_by) > 3 else "")
-                + "); purge that tag too or run `dioproxy verify --repair`\n"
+                + "); purge that tag too, pull it again, or remove an unreadable entry with "
+                + "`dioproxy verify --repair`\n"
             )
         ordered = sorted(objects, key=lambda k: (k[0] != MANIFEST, k))
 
