@@ -9,7 +9,8 @@ the cache directory; print client configuration for this proxy's address.
     dioproxy client-config --docker|--podman|--containerd|--nginx|--systemd [--address mirror.example:8004]
 
 The cache commands read the directory directly (no proxy needed); with a proxy running on it they are safe: entries
-appear and disappear by rename/unlink only. After a purge or a repair, ``systemctl reload dioproxy`` (SIGHUP) has
+appear and disappear by rename/unlink only. With ``storage.s3`` in ``--config`` they work on the bucket too
+(:mod:`dioproxy.bucketadmin`). After a purge or a repair, ``systemctl reload dioproxy`` (SIGHUP) has
 the proxy re-read the directory at once instead of at its hourly rescan.
 """
 
@@ -32,13 +33,15 @@ from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import quote
 
-from dioproxy import __version__, names, snippets
-from dioproxy.config import ConfigError, load_config, parse_duration
+from dioproxy import __version__, bucketadmin, names, snippets
+from dioproxy.bucketadmin import BucketAdminError, Trees
+from dioproxy.config import ConfigError, S3Storage, load_config, parse_duration
 from dioproxy.manifests import INDEX_TYPES
 from dioproxy.names import ImageRef, check_digest
-from dioproxy.prefetch import blobs_of, platform_of, select_platforms
-from dioproxy.storage.cachedir import BLOB, MANIFEST, entry_path, references, scan, tags
-from dioproxy.storage.disk import read_manifest
+from dioproxy.objectstore import ObjectStoreError
+from dioproxy.prefetch import blobs_of, select_platforms
+from dioproxy.storage.bucketscan import BucketScan
+from dioproxy.storage.cachedir import BLOB, MANIFEST, entry_path, scan, tags
 from dioproxy.storage.index import last_use
 from dioproxy.upstream import MANIFEST_TYPES
 
@@ -209,18 +212,33 @@ def prefetch(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
 # -- cache directory commands --------------------------------------------------------------------------------------
 
 
-def cache_root(args: argparse.Namespace) -> str:
-    if args.cache_dir:
-        root = args.cache_dir
-    else:
-        try:
-            root = load_config(args.config).cache_dir if args.config else "./data"
-        except ConfigError as e:
-            raise AdminError(str(e)) from None
-    root = os.path.abspath(root)
+def tiers(args: argparse.Namespace, err: IO[str] | None = None) -> tuple[str | None, S3Storage | None]:
+    """The cache directory (``--cache-dir``, else ``cache.dir`` of ``--config``, else ./data) and the bucket
+    (``storage.s3`` of ``--config``). With a bucket, a missing directory only means this machine has no hot tier."""
+    try:
+        config = load_config(args.config) if args.config else None
+    except ConfigError as e:
+        raise AdminError(str(e)) from None
+    s3 = config.storage.s3 if config else None
+    root = os.path.abspath(args.cache_dir or (config.cache_dir if config else "./data"))
     if not os.path.isdir(os.path.join(root, "blobs")) and not os.path.isdir(os.path.join(root, "repos")):
-        raise AdminError(f"{root} is not a dioproxy cache directory (use --cache-dir or --config)")
+        if s3 is None:
+            raise AdminError(f"{root} is not a dioproxy cache directory (use --cache-dir or --config)")
+        if err is not None:
+            err.write(f"note: {root} is not a dioproxy cache directory: the bucket only\n")
+        return None, s3
+    return root, s3
+
+
+def cache_root(args: argparse.Namespace) -> str:
+    root, _ = tiers(args)
+    if root is None:
+        raise AdminError("no cache directory here (use --cache-dir)")
     return root
+
+
+def _bucket(s3: S3Storage | None, args: argparse.Namespace) -> BucketScan | None:
+    return bucketadmin.open_bucket(s3, getattr(args, "jobs", 4)) if s3 else None
 
 
 @dataclass
@@ -231,28 +249,16 @@ class ImageInfo:
     platforms: list[str]
 
 
-def image_info(root: str, tag: Any) -> ImageInfo:
-    """What a tag's image holds in the cache: its manifests (index and children) and blobs."""
-    manifests, blobs, platforms = [], [], []
-    pending = [tag.entry.digest] if tag.entry else []
-    while pending:
-        digest = pending.pop()
-        if digest in manifests:
-            continue
-        manifests.append(digest)
-        found = read_manifest(root, digest)
-        if found is None:
-            continue
-        children, layer_blobs = references(found[1])
-        if children:
-            with contextlib.suppress(ValueError, AttributeError):
-                platforms += [platform_of(e) for e in json.loads(found[1]).get("manifests", [])]
-        pending += children
-        blobs += [b for b in layer_blobs if b not in blobs]
-    return ImageInfo(tag, manifests, blobs, platforms)
+def image_info(root: str, tag: Any, trees: Trees | None = None) -> ImageInfo:
+    """What a tag's image holds: its manifests (index and children) and blobs, read from the cache directory (and
+    from the bucket, with ``trees`` over both)."""
+    tree = (trees or Trees(root, None)).tree(tag.entry.digest if tag.entry else None)
+    return ImageInfo(tag, tree.manifests, tree.blobs, tree.platforms)
 
 
-def _size(root: str, kind: str, digest: str) -> int:
+def _size(root: str | None, kind: str, digest: str) -> int:
+    if root is None:
+        return 0
     try:
         return os.stat(entry_path(root, kind, digest)).st_size
     except (FileNotFoundError, NotADirectoryError, IndexError):
@@ -260,45 +266,73 @@ def _size(root: str, kind: str, digest: str) -> int:
 
 
 def ls(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
-    root = cache_root(args)
-    used = last_use(root)
+    root, s3 = tiers(args, err)
+    bucket = _bucket(s3, args)
+    trees = Trees(root, bucket)
+    used = last_use(root) if root else {}
+    local = {(t.registry, t.name, t.tag): t for t in tags(root)} if root else {}
+    with bucketadmin.failures():
+        shared = {(t.registry, t.name, t.tag): t for t in bucket.tags()} if bucket else {}
+        held = bucketadmin.sizes(bucket) if bucket else {}
     rows = []
-    for tag in tags(root):
-        info = image_info(root, tag)
+    for key in sorted(set(local) | set(shared)):
+        tag, theirs = local.get(key), shared.get(key)
+        digest = tag.entry.digest if tag and tag.entry else None
+        bucket_digest = theirs.entry.digest if theirs and theirs.entry else None
+        info = trees.tree(digest or bucket_digest)
         size = sum(_size(root, BLOB, b) for b in info.blobs) + sum(_size(root, MANIFEST, m) for m in info.manifests)
-        cached = sum(1 for b in info.blobs if _size(root, BLOB, b))
         times = [used[(MANIFEST, m)] for m in info.manifests if (MANIFEST, m) in used]
         times += [used[(BLOB, b)] for b in info.blobs if (BLOB, b) in used]
-        rows.append(
-            {
-                "registry": tag.registry,
-                "repository": tag.name,
-                "tag": tag.tag,
-                "digest": tag.entry.digest if tag.entry else None,
-                "size": size,
-                "blobs_cached": cached,
-                "blobs": len(info.blobs),
-                "platforms": sorted(set(info.platforms)),
-                "last_use": max(times) if times else None,
-            }
-        )
+        row = {
+            "registry": key[0],
+            "repository": key[1],
+            "tag": key[2],
+            "digest": digest or bucket_digest,
+            "size": size,
+            "blobs_cached": sum(1 for b in info.blobs if _size(root, BLOB, b)),
+            "blobs": len(info.blobs),
+            "platforms": sorted(set(info.platforms)),
+            "last_use": max(times) if times else None,
+        }
+        if bucket:
+            in_bucket = [(MANIFEST, m) for m in info.manifests] + [(BLOB, b) for b in info.blobs]
+            row.update(
+                tiers=[t for t, there in (("local", tag), ("bucket", theirs)) if there],
+                bucket_digest=bucket_digest,
+                bucket_size=sum(held.get(k, 0) for k in in_bucket),
+                bucket_blobs=sum(1 for b in info.blobs if (BLOB, b) in held),
+                checked=theirs.entry.checked if theirs and theirs.entry else None,
+            )
+        rows.append(row)
     if args.json:
         json.dump(rows, out, indent=2)
         out.write("\n")
         return 0
-    out.write(f"{'IMAGE':<50} {'DIGEST':<19} {'SIZE':>9} {'BLOBS':>7}  {'LAST USE':<16} PLATFORMS\n")
-    for row in sorted(rows, key=lambda r: (r["registry"], r["repository"], r["tag"])):
+    if bucket:
+        out.write(f"{'IMAGE':<50} {'DIGEST':<19} {'TIER':<6} {'SIZE':>9} {'LOCAL':>7} {'BUCKET':>7}  ")
+    else:
+        out.write(f"{'IMAGE':<50} {'DIGEST':<19} {'SIZE':>9} {'BLOBS':>7}  ")
+    out.write(f"{'LAST USE':<16} PLATFORMS\n")
+    for row in rows:
         image = f"{row['registry']}/{row['repository']}:{row['tag']}"
         digest = (row["digest"] or "unreadable")[:19]
-        out.write(
-            f"{image:<50} {digest:<19} {human(row['size']):>9} {row['blobs_cached']:>3}/{row['blobs']:<3}  "
-            f"{when(row['last_use']):<16} {','.join(row['platforms'])}\n"
-        )
+        blobs = f"{row['blobs_cached']:>3}/{row['blobs']:<3}"
+        last = row["last_use"]
+        if bucket:
+            tier = "both" if len(row["tiers"]) == 2 else row["tiers"][0]
+            size = max(row["size"], row["bucket_size"])
+            last = max(t for t in (last, row["checked"], 0) if t is not None) or None
+            out.write(f"{image:<50} {digest:<19} {tier:<6} {human(size):>9} {blobs} {row['bucket_blobs']:>3}/")
+            out.write(f"{row['blobs']:<3}  ")
+        else:
+            out.write(f"{image:<50} {digest:<19} {human(row['size']):>9} {blobs}  ")
+        out.write(f"{when(last):<16} {','.join(row['platforms'])}\n")
     return 0
 
 
 def stats(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
-    root = cache_root(args) if (args.cache_dir or args.config or not args.proxy) else None
+    root, s3 = tiers(args, err) if (args.cache_dir or args.config or not args.proxy) else (None, None)
+    bucket = _bucket(s3, args)
     if root:
         entries = list(scan(root))
         used = last_use(root)
@@ -315,6 +349,9 @@ def stats(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         out.write(f"in progress       {len(temp):>8}  temp files (fills under way, or left by a crash)\n")
         if used:
             out.write(f"least recent use  {when(min(used.values()))}\nmost recent use   {when(max(used.values()))}\n")
+    if bucket:
+        with bucketadmin.failures():
+            bucketadmin.stats(bucket, out, human)
     if args.proxy:
         try:
             with urllib.request.urlopen(args.proxy.rstrip("/") + "/metrics", timeout=args.timeout) as response:
@@ -361,8 +398,34 @@ def live_summary(text: str) -> str:
 
 
 def verify(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
-    """Every blob and manifest against its digest, tag entries for readability; ``--repair`` removes the damaged."""
-    root = cache_root(args)
+    """Every blob and manifest against its digest, tag entries for readability, in the cache directory and the
+    bucket; ``--repair`` removes the damaged."""
+    root, s3 = tiers(args, err)
+    bucket = _bucket(s3, args)
+    failed = 0
+    if root:
+        failed = _verify_local(root, args, out)
+    if bucket:
+        result = bucketadmin.verify(bucket, out, args.repair, args.jobs)
+        checked = result.counts
+        out.write(
+            f"bucket: verified {checked[BLOB]} blobs ({human(result.bytes)} with manifests, "
+            f"{human(result.bytes / max(result.seconds, 1e-6))}/s), {checked[MANIFEST]} manifests, "
+            f"{checked['tag']} tags: {result.damaged} damaged"
+            + (f", {result.removed} removed" if args.repair and result.damaged else "")
+            + (f", {result.unreadable} unreadable (left alone)" if result.unreadable else "")
+            + "\n"
+        )
+        if result.damaged and not args.repair:
+            failed += result.damaged
+        failed += result.unreadable
+    if failed and not args.repair:
+        out.write("run `dioproxy verify --repair` to remove them; they are fetched again on the next pull\n")
+    return 1 if failed else 0
+
+
+def _verify_local(root: str, args: argparse.Namespace, out: IO[str]) -> int:
+    """The cache directory's half of ``verify``: the number of damaged entries left in place."""
     damaged: list[tuple[str, str]] = []
     counts = {BLOB: 0, MANIFEST: 0}
     checked_bytes = 0
@@ -395,10 +458,7 @@ def verify(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         f"verified {counts[BLOB]} blobs ({human(checked_bytes)} with manifests), {counts[MANIFEST]} manifests, "
         f"{tag_count} tags: {len(damaged)} damaged" + (", removed" if args.repair and damaged else "") + "\n"
     )
-    if damaged and not args.repair:
-        out.write("run `dioproxy verify --repair` to remove them; they are fetched again on the next pull\n")
-        return 1
-    return 0
+    return 0 if args.repair else len(damaged)
 
 
 def _valid_digest(digest: Any) -> bool:
@@ -429,13 +489,18 @@ def _check_entry(entry: Any) -> str | None:
 
 
 def purge(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
-    root = cache_root(args)
+    """Tags named (or unused for ``--older-than``) and what only they refer to, from the cache directory and the
+    bucket; in the bucket nothing another tag refers to goes (see :mod:`dioproxy.bucketadmin`)."""
+    root, s3 = tiers(args, err)
     if not args.images and args.older_than is None:
         raise AdminError("purge what? name images (alpine:3.19, ghcr.io/owner/img) or give --older-than")
-    all_tags = list(tags(root))
-    doomed_tags = []
-    for text in args.images:
-        image = parse_image(text, default_tag=None)
+    images = [parse_image(text, default_tag=None) for text in args.images]
+    bucket = _bucket(s3, args)
+    with bucketadmin.failures():
+        bucket_tags = list(bucket.tags()) if bucket else []
+    all_tags = list(tags(root)) if root else []
+    doomed_tags, bucket_doomed = [], []
+    for text, image in zip(args.images, images):
         matched = [
             t
             for t in all_tags
@@ -443,11 +508,31 @@ def purge(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
             and t.name == image.name
             and (not image.reference or t.tag == image.reference)
         ]
-        if not matched:
+        shared = bucketadmin.matching(bucket_tags, image.registry, image.name, image.reference)
+        if not matched and not shared:
             err.write(f"warning: nothing cached for {text}\n")
         doomed_tags += matched
-    doomed: set[tuple[str, str]] = set()
+        bucket_doomed += [t for t in shared if t not in bucket_doomed]
     kept_tags = [t for t in all_tags if t not in doomed_tags]
+    if root:
+        _purge_local(root, args, out, doomed_tags, kept_tags)
+    if bucket:
+        if args.older_than is not None:
+            old = bucketadmin.older_than(bucket_tags, time.time() - args.older_than)
+            bucket_doomed += [t for t in old if t not in bucket_doomed]
+        kept_local = [t.entry.digest if t.entry else None for t in kept_tags if t not in doomed_tags]
+        trees = Trees(root, bucket)
+        with bucketadmin.failures():
+            plan = bucketadmin.plan_purge(bucket, trees, bucket_tags, bucket_doomed, kept_local)
+        bucketadmin.purge(
+            bucket, plan, trees, out, err, dry_run=args.dry_run, verbose=args.verbose, jobs=args.jobs, human=human
+        )
+    return 0
+
+
+def _purge_local(root: str, args: argparse.Namespace, out: IO[str], doomed_tags: list, kept_tags: list) -> None:
+    """The cache directory's half of ``purge``; adds to ``doomed_tags`` the tags whose manifest goes."""
+    doomed: set[tuple[str, str]] = set()
     if doomed_tags:
         keep = _referenced(root, kept_tags)
         for tag in doomed_tags:
@@ -480,7 +565,6 @@ def purge(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     out.write(f"{verb} {len(doomed)} entries, {human(freed)}\n")
     if not args.dry_run and (doomed or doomed_tags):
         out.write("a running proxy re-reads the directory on `systemctl reload dioproxy` (SIGHUP) or within the hour\n")
-    return 0
 
 
 def _referenced(root: str, kept: Iterable[Any]) -> set[tuple[str, str]]:
@@ -583,7 +667,7 @@ def parser() -> argparse.ArgumentParser:
 
     def cache_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--cache-dir", "-d", help="the cache directory (default: cache.dir from --config, or ./data)")
-        p.add_argument("--config", "-c", help="the proxy's YAML configuration, for its cache.dir")
+        p.add_argument("--config", "-c", help="the proxy's YAML configuration: its cache.dir and bucket (storage.s3)")
 
     p = sub.add_parser("prefetch", help="warm the cache: pull images through a running proxy")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="alpine:3.19, ghcr.io/owner/img:tag, name@sha256:...")
@@ -614,6 +698,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every cached blob and manifest against its digest")
     cache_options(p)
     p.add_argument("--repair", action="store_true", help="remove damaged entries (they are fetched again when pulled)")
+    p.add_argument("--jobs", "-j", type=int, default=4, help="bucket objects read at once (default: %(default)s)")
     p.set_defaults(func=verify)
 
     p = sub.add_parser("purge", help="remove images, or entries not used for a while, from the cache")
@@ -622,6 +707,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--older-than", type=_duration, metavar="DURATION", help="entries not used for this long (30d)")
     p.add_argument("--dry-run", "-n", action="store_true", help="say what would go, remove nothing")
     p.add_argument("--verbose", "-v", action="store_true", help="list every entry")
+    p.add_argument("--jobs", "-j", type=int, default=4, help="bucket objects deleted at once (default: %(default)s)")
     p.set_defaults(func=purge)
 
     p = sub.add_parser("client-config", help="print client configuration for this proxy")
@@ -653,7 +739,7 @@ def main(argv: list[str] | None = None, out: IO[str] | None = None, err: IO[str]
     args = parser().parse_args(argv)
     try:
         return args.func(args, out, err)
-    except AdminError as e:
+    except (AdminError, BucketAdminError, ObjectStoreError) as e:
         err.write(f"dioproxy {args.command}: {e}\n")
         return 2
     except KeyboardInterrupt:

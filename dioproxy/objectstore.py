@@ -147,28 +147,10 @@ class ObjectStore:
         self.part_size = part_size
         self.part_concurrency = part_concurrency
         self.page_size = page_size
-        self.where = settings.endpoint or f"AWS S3 ({settings.region})"
+        self.where = where(settings)
         self.label = f"s3://{self.bucket}/{self.prefix}"  # in logs and errors; never a presigned URL
         # Making the client reads botocore's service model from disk (tens of ms): once, at start.
-        self.client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=settings.endpoint,
-            region_name=settings.region,
-            aws_access_key_id=settings.access_key,
-            aws_secret_access_key=settings.secret_key,
-            config=BotoConfig(
-                signature_version="s3v4",  # with an endpoint_url botocore would presign SigV2
-                # Stores of our own (SeaweedFS, MinIO) have no per-bucket DNS names; AWS does.
-                s3={"addressing_style": "path" if settings.endpoint else "auto"},
-                connect_timeout=connect_timeout,
-                read_timeout=timeout,
-                retries={"max_attempts": 2, "mode": "standard"},
-                max_pool_connections=threads,
-                # CRC trailers are an AWS extension other stores may not know; integrity is our sha256.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        )
+        self.client = boto_client(settings, timeout=timeout, connect_timeout=connect_timeout, connections=threads)
         self.pool = BlockingPool(reactor, "s3", threads, timeout=timeout)
         self._connections = webclient.HTTPConnectionPool(reactor, persistent=True)
         self._connections.maxPersistentPerHost = part_concurrency + 4
@@ -199,30 +181,7 @@ class ObjectStore:
             )
 
     def _config_error(self, e: ObjectStoreError) -> StoreConfigError:
-        code, where = e.code or "", self.where
-        if isinstance(e, ObjectStoreTimeout):
-            return StoreConfigError(f"storage.s3.endpoint: no answer from {where} within {self.timeout:g} s")
-        if code == "Unreachable":
-            return StoreConfigError(f"storage.s3.endpoint: cannot connect to {where}: {e}")
-        if code in ("SignatureDoesNotMatch", "403") or (e.status == 403 and not code):
-            return StoreConfigError(
-                f"storage.s3.secret_key: the object store refused our signature ({code or 403}); "
-                "check storage.s3.secret_key and storage.s3.access_key"
-            )
-        if code in ("InvalidAccessKeyId", "InvalidClientTokenId"):
-            return StoreConfigError("storage.s3.access_key: the object store does not know this access key")
-        if code == "AccessDenied":
-            return StoreConfigError(
-                f"storage.s3.access_key: the object store refused access to bucket {self.bucket!r} "
-                "(AccessDenied): this key needs List, Read and Write on it"
-            )
-        if code in ("NoSuchBucket", "404") or e.status == 404:
-            return StoreConfigError(f"storage.s3.bucket: no such bucket {self.bucket!r} at {where}")
-        if code in ("AuthorizationHeaderMalformed", "PermanentRedirect", "301") or e.status == 301:
-            return StoreConfigError(
-                f"storage.s3.region: bucket {self.bucket!r} is not in region {self.settings.region!r} ({code})"
-            )
-        return StoreConfigError(f"storage.s3: the object store at {where} answered {e}")
+        return config_error(e, self.settings, self.timeout)
 
     def stop(self) -> defer.Deferred:
         """Close idle connections and let the control threads finish (at shutdown)."""
@@ -252,21 +211,10 @@ class ObjectStore:
 
     def _control_failed(self, failure: Failure, operation: str, key: str | None) -> None:
         what = f"{self.label}: {operation}" + (f" {key}" if key else "")
-        e = failure.value
-        if isinstance(e, PoolTimeout):
-            raise ObjectStoreTimeout(f"{what}: no answer within {self.timeout:g} s") from None
-        if isinstance(e, botocore.exceptions.ClientError):
-            code = e.response.get("Error", {}).get("Code")
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            message = e.response.get("Error", {}).get("Message") or ""
-            raise ObjectStoreError(f"{what}: {status} {code} {message}".rstrip(), status, code) from None
-        if isinstance(e, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
-            raise ObjectStoreTimeout(f"{what}: {e}") from None
-        if isinstance(e, botocore.exceptions.EndpointConnectionError):
-            raise ObjectStoreError(f"{what}: {e}", code="Unreachable") from None
-        if isinstance(e, botocore.exceptions.BotoCoreError):
-            raise ObjectStoreError(f"{what}: {e}") from None
-        failure.raiseException()
+        translated = control_error(failure.value, what, self.timeout)
+        if translated is None:
+            failure.raiseException()
+        raise translated from None
 
     def head(self, key: str) -> defer.Deferred:
         """:class:`ObjectInfo` of ``key``, or None if the bucket does not have it."""
@@ -513,6 +461,82 @@ class ObjectStore:
             yield self._call("abort_multipart_upload", Key=self.prefix + key, UploadId=upload_id)
         except Exception as e:
             log.warn("object store: could not abort the upload of {key}: {e}", key=key, e=e)
+
+
+def where(settings: S3Storage) -> str:
+    """The store's endpoint as errors name it."""
+    return settings.endpoint or f"AWS S3 ({settings.region})"
+
+
+def boto_client(settings: S3Storage, *, timeout: float, connect_timeout: float, connections: int) -> Any:
+    """The boto3 client of ``storage.s3``: the mirror's control calls and the blocking ``dioproxy`` admin command
+    share it, so both sign, address and time out alike."""
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=settings.endpoint,
+        region_name=settings.region,
+        aws_access_key_id=settings.access_key,
+        aws_secret_access_key=settings.secret_key,
+        config=BotoConfig(
+            signature_version="s3v4",  # with an endpoint_url botocore would presign SigV2
+            # Stores of our own (SeaweedFS, MinIO) have no per-bucket DNS names; AWS does.
+            s3={"addressing_style": "path" if settings.endpoint else "auto"},
+            connect_timeout=connect_timeout,
+            read_timeout=timeout,
+            retries={"max_attempts": 2, "mode": "standard"},
+            max_pool_connections=connections,
+            # CRC trailers are an AWS extension other stores may not know; integrity is our sha256.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+
+
+def control_error(e: BaseException, what: str, timeout: float) -> ObjectStoreError | None:
+    """A boto3 call's exception as an :class:`ObjectStoreError` saying ``what`` failed; None if it is not one of
+    botocore's (a bug: let it through as it is)."""
+    if isinstance(e, PoolTimeout):
+        return ObjectStoreTimeout(f"{what}: no answer within {timeout:g} s")
+    if isinstance(e, botocore.exceptions.ClientError):
+        code = e.response.get("Error", {}).get("Code")
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        message = e.response.get("Error", {}).get("Message") or ""
+        return ObjectStoreError(f"{what}: {status} {code} {message}".rstrip(), status, code)
+    if isinstance(e, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
+        return ObjectStoreTimeout(f"{what}: {e}")
+    if isinstance(e, botocore.exceptions.EndpointConnectionError):
+        return ObjectStoreError(f"{what}: {e}", code="Unreachable")
+    if isinstance(e, botocore.exceptions.BotoCoreError):
+        return ObjectStoreError(f"{what}: {e}")
+    return None
+
+
+def config_error(e: ObjectStoreError, settings: S3Storage, timeout: float) -> StoreConfigError:
+    """What a failed first call says about the configuration: the message names the key to fix."""
+    code, where_ = e.code or "", where(settings)
+    if isinstance(e, ObjectStoreTimeout):
+        return StoreConfigError(f"storage.s3.endpoint: no answer from {where_} within {timeout:g} s")
+    if code == "Unreachable":
+        return StoreConfigError(f"storage.s3.endpoint: cannot connect to {where_}: {e}")
+    if code in ("SignatureDoesNotMatch", "403") or (e.status == 403 and not code):
+        return StoreConfigError(
+            f"storage.s3.secret_key: the object store refused our signature ({code or 403}); "
+            "check storage.s3.secret_key and storage.s3.access_key"
+        )
+    if code in ("InvalidAccessKeyId", "InvalidClientTokenId"):
+        return StoreConfigError("storage.s3.access_key: the object store does not know this access key")
+    if code == "AccessDenied":
+        return StoreConfigError(
+            f"storage.s3.access_key: the object store refused access to bucket {settings.bucket!r} "
+            "(AccessDenied): this key needs List, Read and Write on it"
+        )
+    if code in ("NoSuchBucket", "404") or e.status == 404:
+        return StoreConfigError(f"storage.s3.bucket: no such bucket {settings.bucket!r} at {where_}")
+    if code in ("AuthorizationHeaderMalformed", "PermanentRedirect", "301") or e.status == 301:
+        return StoreConfigError(
+            f"storage.s3.region: bucket {settings.bucket!r} is not in region {settings.region!r} ({code})"
+        )
+    return StoreConfigError(f"storage.s3: the object store at {where_} answered {e}")
 
 
 class _Watch:
