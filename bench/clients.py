@@ -100,15 +100,17 @@ _CURL_FORMAT = "%{http_code} %{size_download} %{time_total}\\n"
 
 
 def curl_streams(
-    url: str, streams: int, timeout: float = 300, redirected: bool = False
+    url: str, streams: int, timeout: float = 300, redirected: bool = False, output: Path | None = None
 ) -> tuple[float, int, list[float]]:
     """``streams`` concurrent curls to /dev/null, all of which must answer 200.
 
     Returns the wall time until the last one ended, the bytes of all, and each curl's own ``time_total`` (which,
     unlike the wall time, excludes starting the curl process: that matters for a single stream of a fast server).
     ``redirected``: ``curl -L``, and the first answer must have been a redirect (its round trip is in the times).
+    ``output``: a file to write instead of /dev/null (one stream).
     """
-    argv = [shutil.which("curl") or "/usr/bin/curl", "-s", *(["-L"] if redirected else []), "-o", "/dev/null"]
+    argv = [shutil.which("curl") or "/usr/bin/curl", "-s", *(["-L"] if redirected else [])]
+    argv += ["-o", str(output or "/dev/null")]
     argv += ["-w", _CURL_FORMAT.replace("\\n", " %{num_redirects}\\n"), url]
     started = time.monotonic()
     processes = [_popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(streams)]

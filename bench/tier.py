@@ -124,8 +124,8 @@ class _Tier:
         return run
 
 
-def _get_rate(url: str, size: int, redirected: bool = False) -> float:
-    _, total, times = clients.curl_streams(url, 1, redirected=redirected)
+def _get_rate(url: str, size: int, redirected: bool = False, output: Path | None = None) -> float:
+    _, total, times = clients.curl_streams(url, 1, redirected=redirected, output=output)
     if total != size:
         raise RuntimeError(f"got {total} bytes, not {size}")
     return size / times[0] / MB
@@ -135,7 +135,9 @@ def shared_tier(stage: Stage) -> list[Row]:
     """The hot tier, a read through the bucket, a redirect and an upload of ``tier_blob`` bytes, in rounds."""
     plan, upstream, nginx = stage.plan, stage.upstream, stage.nginx
     tier = _Tier(stage)
-    runs: dict[str, list[Cell]] = {key: [] for key in ("hot", "nginx", "read", "redirect", "bucket", "upload", "put")}
+    runs: dict[str, list[Cell]] = {
+        key: [] for key in ("hot", "nginx", "read", "redirect", "bucket", "upload", "put", "fill", "to disk")
+    }
     peaks: dict[str, Cell] = {}
     try:
         tier.start()
@@ -163,16 +165,30 @@ def _round(stage: Stage, tier: _Tier, blob: BlobFile, n: int, runs: dict[str, li
     mirror, reader, redirect = tier.mirrors["tier"], tier.mirrors["reader"], tier.mirrors["redirect"]
     path, size, key = blob.url_path(), blob.size, _blob_key(blob)
     upstream = stage.upstream
+    direct = tier.presign("get_object", key)
+
+    def take(run: str, server: Server, what: str, measure: Callable[[], float]) -> None:
+        runs[run].append(attempt(stage, server, f"tier: {what} MB/s", measure))
 
     def upload() -> float:
-        ended = clients.fetch(mirror.url + path, 1, blob.digest).end  # the fill: verified, committed, queued
-        return size / (tier.stored_at(key) - ended) / MB
+        # The fill first (verified, committed, upload queued): the same path as a read through the bucket.
+        fill = tier.counted("fill", mirror, size, lambda: _get_rate(mirror.url + path, size))
+        take("fill", mirror, "cold fill from the upstream", fill)
+        ended = time.monotonic()
+        return size / (tier.counted("upload", mirror, size, lambda: tier.stored_at(key))() - ended) / MB
 
     def put() -> float:
         sent, seconds = clients.curl_upload(tier.presign("put_object", f"{PREFIX}anchor/put-{n}"), blob.path)
         if sent != size:
             raise RuntimeError(f"curl sent {sent} bytes, not {size}")
         return size / seconds / MB
+
+    def to_disk() -> float:  # what writing the hot tier costs a reader that does nothing else
+        copy = reader.cache.parent / "curl-copy"
+        try:
+            return _get_rate(direct, size, output=copy)
+        finally:
+            copy.unlink(missing_ok=True)
 
     def read() -> float:
         mark = upstream.log_offset()
@@ -183,32 +199,28 @@ def _round(stage: Stage, tier: _Tier, blob: BlobFile, n: int, runs: dict[str, li
             raise RuntimeError(f"the reader asked the upstream {gets} times: its bytes were not the bucket's")
         return rate
 
-    direct = tier.presign("get_object", key)
-    runs["upload"].append(
-        attempt(stage, mirror, "tier: background upload MB/s", tier.counted("upload", mirror, size, upload))
-    )
-    runs["put"].append(attempt(stage, tier.store, "tier: curl -T presigned MB/s", put))
+    take("upload", mirror, "background upload", upload)
+    take("put", tier.store, "curl -T presigned", put)
     for _ in range(2):
-        measure = tier.counted("hot", mirror, size, lambda: _get_rate(mirror.url + path, size))
-        runs["hot"].append(attempt(stage, mirror, "tier: warm blob from the hot tier MB/s", measure))
-        runs["nginx"].append(
-            attempt(
-                stage,
-                stage.nginx,
-                "tier: the same file MB/s",
-                lambda: _get_rate(f"{stage.nginx.url}/blobs/tier-{n}", size),
-            )
+        take(
+            "hot",
+            mirror,
+            "warm blob from the hot tier",
+            tier.counted("hot", mirror, size, lambda: _get_rate(mirror.url + path, size)),
         )
-    runs["bucket"].append(attempt(stage, tier.store, "tier: curl presigned GET MB/s", lambda: _get_rate(direct, size)))
-    runs["read"].append(
-        attempt(stage, reader, "tier: streamed from the bucket MB/s", tier.counted("read", reader, size, read))
-    )
+        take("nginx", stage.nginx, "the same file", lambda: _get_rate(f"{stage.nginx.url}/blobs/tier-{n}", size))
+    take("bucket", tier.store, "curl presigned GET", lambda: _get_rate(direct, size))
+    take("to disk", tier.store, "curl presigned GET into a file", to_disk)
+    take("read", reader, "streamed from the bucket", tier.counted("read", reader, size, read))
     for _ in range(2):
-        measure = lambda: _get_rate(redirect.url + path, size, redirected=True)  # noqa: E731
-        runs["redirect"].append(attempt(stage, redirect, "tier: by redirect, curl -L MB/s", measure))
-        runs["bucket"].append(
-            attempt(stage, tier.store, "tier: curl presigned GET MB/s", lambda: _get_rate(direct, size))
+        take(
+            "redirect", redirect, "by redirect, curl -L", lambda: _get_rate(redirect.url + path, size, redirected=True)
         )
+        take("bucket", tier.store, "curl presigned GET", lambda: _get_rate(direct, size))
+
+
+def _text(cell: Cell) -> str:
+    return f"{cell:.0f}" if isinstance(cell, (int, float)) else f"({cell})"
 
 
 def _rows(stage: Stage, tier: _Tier, runs: dict[str, list[Cell]], peaks: dict[str, Cell]) -> list[Row]:
@@ -219,9 +231,13 @@ def _rows(stage: Stage, tier: _Tier, runs: dict[str, list[Cell]], peaks: dict[st
     )
     numbers = [p for p in peaks.values() if isinstance(p, (int, float))]
     rss: Cell = max(numbers) if numbers else next((c for c in runs["hot"] if isinstance(c, str)), "no mirror ran")
+    fill, to_disk = _median(runs["fill"]), _median(runs["to disk"])
     stage.notes.append(
         f"Scenario 6: medians over {plan.tier_rounds} blobs of {size}, each seeded afresh; the bucket is a real "
-        "SeaweedFS (`weed mini`, auth on) on the same 2 cores. CPU seconds per GB: "
+        "SeaweedFS (`weed mini`, auth on) on the same 2 cores. Beside the read through the bucket: the tier "
+        f"mirror's cold fill of each blob straight from the upstream registry (no far link) {_text(fill)} MB/s, "
+        f"and curl of the presigned URL into a file on the mirrors' disk {_text(to_disk)} MB/s. "
+        "CPU seconds per GB: "
         + ", ".join(f"{what} {c[0] / (c[1] / 1e9):.2f}" for what, c in tier.cpu.items() if c[1])
         + "; peak RSS: "
         + ", ".join(f"{name} {p:.0f} MB" for name, p in peaks.items() if isinstance(p, (int, float)))
