@@ -34,13 +34,14 @@ class Row:
     ours: Cell
     cncf: Cell = None
     nginx: Cell = None
-    #: The S3 bucket itself, by curl of a presigned URL (scenario 6's anchor).
-    bucket: Cell = None
     ratio: str = "-"
     target: str = "-"
     met: bool | None = None
     #: An absolute target to draw on the chart (e.g. 150 MB), if the target is one.
     target_value: float | None = None
+    #: The S3 bucket itself, by curl of a presigned URL (scenario 6's anchor; last, so rows built by position keep
+    #: their meaning).
+    bucket: Cell = None
 
     def cells(self) -> tuple[Cell, Cell, Cell, Cell]:
         return (self.ours, self.cncf, self.nginx, self.bucket)
