@@ -131,6 +131,13 @@ def curl_streams(
     return wall, total, times
 
 
+def curl_answer(url: str, timeout: float = 60) -> tuple[int, float]:
+    """One ``curl`` that follows nothing: (HTTP status, curl's own ``time_total``), e.g. the cost of a redirect."""
+    argv = [shutil.which("curl") or "/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", url]
+    code, seconds = _run(argv, timeout).split()
+    return int(code), float(seconds)
+
+
 def curl_upload(url: str, path: Path, timeout: float = 300) -> tuple[int, float]:
     """``curl -T path url`` (a PUT of the file, e.g. to a presigned URL), which must answer 200: (bytes sent,
     curl's own ``time_total``)."""

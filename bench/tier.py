@@ -136,7 +136,7 @@ def shared_tier(stage: Stage) -> list[Row]:
     plan, upstream, nginx = stage.plan, stage.upstream, stage.nginx
     tier = _Tier(stage)
     runs: dict[str, list[Cell]] = {
-        key: [] for key in ("hot", "nginx", "read", "redirect", "bucket", "upload", "put", "fill", "to disk")
+        key: [] for key in ("hot", "nginx", "read", "redirect", "bucket", "upload", "put", "fill", "to disk", "307")
     }
     peaks: dict[str, Cell] = {}
     try:
@@ -212,6 +212,14 @@ def _round(stage: Stage, tier: _Tier, blob: BlobFile, n: int, runs: dict[str, li
     take("bucket", tier.store, "curl presigned GET", lambda: _get_rate(direct, size))
     take("to disk", tier.store, "curl presigned GET into a file", to_disk)
     take("read", reader, "streamed from the bucket", tier.counted("read", reader, size, read))
+
+    def answer() -> float:  # the redirect alone: what the mirror adds to a read from the bucket
+        code, seconds = clients.curl_answer(redirect.url + path)
+        if code != 307:
+            raise RuntimeError(f"answered {code}, not 307")
+        return seconds * 1000
+
+    runs["307"].append(attempt(stage, redirect, "tier: the 307 alone (ms)", answer))
     for _ in range(2):
         take(
             "redirect", redirect, "by redirect, curl -L", lambda: _get_rate(redirect.url + path, size, redirected=True)
@@ -219,8 +227,8 @@ def _round(stage: Stage, tier: _Tier, blob: BlobFile, n: int, runs: dict[str, li
         take("bucket", tier.store, "curl presigned GET", lambda: _get_rate(direct, size))
 
 
-def _text(cell: Cell) -> str:
-    return f"{cell:.0f}" if isinstance(cell, (int, float)) else f"({cell})"
+def _text(cell: Cell, digits: int = 0) -> str:
+    return f"{cell:.{digits}f}" if isinstance(cell, (int, float)) else f"({cell})"
 
 
 def _rows(stage: Stage, tier: _Tier, runs: dict[str, list[Cell]], peaks: dict[str, Cell]) -> list[Row]:
@@ -236,7 +244,8 @@ def _rows(stage: Stage, tier: _Tier, runs: dict[str, list[Cell]], peaks: dict[st
         f"Scenario 6: medians over {plan.tier_rounds} blobs of {size}, each seeded afresh; the bucket is a real "
         "SeaweedFS (`weed mini`, auth on) on the same 2 cores. Beside the read through the bucket: the tier "
         f"mirror's cold fill of each blob straight from the upstream registry (no far link) {_text(fill)} MB/s, "
-        f"and curl of the presigned URL into a file on the mirrors' disk {_text(to_disk)} MB/s. "
+        f"and curl of the presigned URL into a file on the mirrors' disk {_text(to_disk)} MB/s. The redirect "
+        f"mirror's 307 alone took {_text(_median(runs['307']), 1)} ms. "
         "CPU seconds per GB: "
         + ", ".join(f"{what} {c[0] / (c[1] / 1e9):.2f}" for what, c in tier.cpu.items() if c[1])
         + "; peak RSS: "
