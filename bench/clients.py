@@ -99,21 +99,29 @@ def wrk(url: str, seconds: float, connections: int = 32, headers: dict[str, str]
 _CURL_FORMAT = "%{http_code} %{size_download} %{time_total}\\n"
 
 
-def curl_streams(url: str, streams: int, timeout: float = 300) -> tuple[float, int, list[float]]:
+def curl_streams(
+    url: str, streams: int, timeout: float = 300, redirected: bool = False, output: Path | None = None
+) -> tuple[float, int, list[float]]:
     """``streams`` concurrent curls to /dev/null, all of which must answer 200.
 
     Returns the wall time until the last one ended, the bytes of all, and each curl's own ``time_total`` (which,
     unlike the wall time, excludes starting the curl process: that matters for a single stream of a fast server).
+    ``redirected``: ``curl -L``, and the first answer must have been a redirect (its round trip is in the times).
+    ``output``: a file to write instead of /dev/null (one stream).
     """
-    argv = [shutil.which("curl") or "/usr/bin/curl", "-s", "-o", "/dev/null", "-w", _CURL_FORMAT, url]
+    argv = [shutil.which("curl") or "/usr/bin/curl", "-s", *(["-L"] if redirected else [])]
+    argv += ["-o", str(output or "/dev/null")]
+    argv += ["-w", _CURL_FORMAT.replace("\\n", " %{num_redirects}\\n"), url]
     started = time.monotonic()
     processes = [_popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(streams)]
     total, times, failures = 0, [], []
     for process in processes:
         out, err = _finish(process, timeout)
         fields = out.split()
-        if process.returncode != 0 or len(fields) < 3 or fields[0] != "200":
+        if process.returncode != 0 or len(fields) < 4 or fields[0] != "200":
             failures.append(f"curl exit {process.returncode} {out.strip()} {err.strip()[-100:]}")
+        elif redirected and fields[3] == "0":
+            failures.append("answered 200 without a redirect")
         else:
             total += int(fields[1])
             times.append(float(fields[2]))
@@ -121,6 +129,25 @@ def curl_streams(url: str, streams: int, timeout: float = 300) -> tuple[float, i
     if failures:
         raise RuntimeError("; ".join(failures[:3]))
     return wall, total, times
+
+
+def curl_answer(url: str, timeout: float = 60) -> tuple[int, float]:
+    """One ``curl`` that follows nothing: (HTTP status, curl's own ``time_total``), e.g. the cost of a redirect."""
+    argv = [shutil.which("curl") or "/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", url]
+    code, seconds = _run(argv, timeout).split()
+    return int(code), float(seconds)
+
+
+def curl_upload(url: str, path: Path, timeout: float = 300) -> tuple[int, float]:
+    """``curl -T path url`` (a PUT of the file, e.g. to a presigned URL), which must answer 200: (bytes sent,
+    curl's own ``time_total``)."""
+    argv = [shutil.which("curl") or "/usr/bin/curl", "-s", "-o", "/dev/null", "-T", str(path)]
+    argv += ["-w", "%{http_code} %{size_upload} %{time_total}\\n", url]
+    out = _run(argv, timeout)
+    fields = out.split()
+    if len(fields) < 3 or fields[0] != "200":
+        raise RuntimeError(f"curl -T: {out.strip()[-200:]}")
+    return int(fields[1]), float(fields[2])
 
 
 def slow_readers(url: str, count: int, rate: int, seconds: float) -> list[int]:
@@ -165,6 +192,8 @@ class Fetch:
     wall: float
     ttfb: float
     total: float
+    #: ``time.monotonic()`` when the last download ended (one clock for every process on Linux).
+    end: float
 
 
 def fetch(url: str, clients: int, digest: str, timeout: float = 300) -> Fetch:
@@ -179,7 +208,8 @@ def fetch(url: str, clients: int, digest: str, timeout: float = 300) -> Fetch:
             f"digest ok {c.get('digest_ok')}, {c['error']}"
         )
     first = min(answer["clients"], key=lambda c: c["ttfb"])
-    return Fetch(answer["wall"], first["ttfb"], max(c["total"] for c in answer["clients"]))
+    ends = [c["end"] for c in answer["clients"]]
+    return Fetch(answer["wall"], first["ttfb"], max(c["total"] for c in answer["clients"]), max(ends))
 
 
 # -- skopeo --------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """How big and how long: the full run (the numbers in ``docs/performance.md``) and ``--quick`` (the smoke test).
 
-The full sizes are the issue's: a 256 MB warm blob, a ~50 MB/s far link, 32 readers at 4 MB/s, wrk for 10 s. The
-cold blobs are 100 MB so that one download takes 2 s on the link: long enough for time-to-first-byte to mean
-something, short enough to keep the whole run under ten minutes on two cores. ``--quick`` keeps every step and
-shrinks every size so that a broken step still breaks, in well under a minute.
+The full sizes are the issues': a 256 MB warm blob (from the hot tier and from the bucket too), a ~50 MB/s far
+link, 32 readers at 4 MB/s, wrk for 10 s. The cold blobs are 100 MB so that one download takes 2 s on the link:
+long enough for time-to-first-byte to mean something, short enough to keep the whole run under ten minutes on two
+cores. ``--quick`` keeps every step and shrinks every size so that a broken step still breaks, in well under a
+minute.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class Plan:
     #: Rounds of the warm-blob measurements (single stream; half as many of the parallel ones), servers in turn.
     rounds: int = 6
     memory_target_mb: float = 150.0
+    #: Scenario 6 (the shared tier): one fresh blob of this size per round, each uploaded, read and redirected.
+    tier_blob: int = 256 * MB
+    tier_rounds: int = 5
 
     @property
     def link_floor(self) -> float:
@@ -55,4 +59,6 @@ QUICK = Plan(
     slow_seconds=2.0,
     repeats=1,
     rounds=1,
+    tier_blob=8 * MB,
+    tier_rounds=1,
 )

