@@ -9,17 +9,16 @@ port still accepts connections but nothing answers, the way a stalled Redis look
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 
+from tests.daemons import log_tail, shared_instance
 from tests.seaweed import free_ports
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -131,11 +130,7 @@ class RedisServer:
         self.process.send_signal(signal.SIGCONT)
 
     def log_tail(self, size: int = 3000) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()[-size:]
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, size)
 
 
 _shared: dict[str, RedisServer] = {}
@@ -143,13 +138,4 @@ _shared: dict[str, RedisServer] = {}
 
 def shared(name: str) -> defer.Deferred:
     """The server named ``name``, started on first use (in a thread, off the reactor); fires with it."""
-    if name in _shared:
-        return defer.succeed(_shared[name])
-    server = RedisServer(tempfile.mkdtemp(prefix=f"redis-{name}-", dir="."))
-
-    def started(_: None) -> RedisServer:
-        _shared[name] = server
-        atexit.register(server.stop)
-        return server
-
-    return threads.deferToThread(server.start).addCallback(started)
+    return shared_instance(_shared, f"redis-{name}", RedisServer)

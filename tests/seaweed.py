@@ -9,7 +9,6 @@ test class (by name) one store for the run, started in a thread by the first ``s
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -17,14 +16,15 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
 import boto3
 from botocore.config import Config
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, threads
+from twisted.internet import defer
+
+from tests.daemons import log_tail, shared_instance
 
 WEED = os.path.join(os.path.dirname(sys.executable), "weed")
 START_DEADLINE = 30.0
@@ -200,11 +200,7 @@ class SeaweedFS:
         )
 
     def log_tail(self, size: int = 3000) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()[-size:]
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, size)
 
 
 _shared: dict[str, SeaweedFS] = {}
@@ -212,13 +208,4 @@ _shared: dict[str, SeaweedFS] = {}
 
 def shared(name: str) -> defer.Deferred:
     """The store named ``name``, started on first use (in a thread, off the reactor); fires with it."""
-    if name in _shared:
-        return defer.succeed(_shared[name])
-    store = SeaweedFS(tempfile.mkdtemp(prefix=f"seaweed-{name}-", dir="."))
-
-    def started(_: None) -> SeaweedFS:
-        _shared[name] = store
-        atexit.register(store.stop)
-        return store
-
-    return threads.deferToThread(store.start).addCallback(started)
+    return shared_instance(_shared, f"seaweed-{name}", SeaweedFS)
