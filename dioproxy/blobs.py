@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from twisted.internet import defer
+
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
 from dioproxy.eviction import CacheBound
 from dioproxy.fill import DiskFull, Fill, FillManager, OwnerFailed
@@ -107,14 +109,21 @@ class Blobs:
 
     async def _shared_size(self, ask: BlobAsk, checked: bool = False) -> int | None:
         """The size of the shared tier's copy when ``ask`` may read it, else None (no bucket, not there, private
-        elsewhere, the store silent). ``checked``: the local private check passed already."""
+        elsewhere, the store silent). ``checked``: the local private check passed already. The size and the
+        private record are asked for at once (a redirect waits for the slower, not for both in turn)."""
         bucket = self.fills.bucket
         if bucket is None:
             return None
-        size = await bucket.blob_size(ask.digest)
-        if size is None or not (checked or await bucket.may_serve(ask.digest, repository(ask.target))):
-            return None
-        return size
+        if checked:
+            return await bucket.blob_size(ask.digest)
+        size, allowed = await defer.gatherResults(
+            [
+                defer.ensureDeferred(bucket.blob_size(ask.digest)),
+                defer.ensureDeferred(bucket.may_serve(ask.digest, repository(ask.target))),
+            ],
+            consumeErrors=True,
+        ).addErrback(lambda f: f.value.subFailure.raiseException())
+        return size if allowed else None
 
     async def _fill(self, target: Target, digest: str, head: bool) -> Fill | None:
         """The fill this request reads, once the upstream answered and ``target`` may read it; None for a HEAD

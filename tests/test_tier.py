@@ -229,6 +229,14 @@ class RedirectTests(_TierTest):
             self.assertEqual((status, headers.get("content-length")), (200, str(len(data))), "HEAD stays with us")
         self.assertEqual(self.fake.requests, [])
         self.assertEqual(os.listdir(os.path.join(second.cache_dir, "blobs", "sha256")), [], "bytes went through us")
+        heads = []
+        head = second.mirror.bucket.store.head
+        second.mirror.bucket.store.head = lambda key: heads.append(key) or head(key)
+        for digest in image.blobs:  # a blob the bucket was seen to hold is redirected without asking it again
+            response = yield second.get(f"/v2/library/app/blobs/{digest}", allow_redirects=False)
+            yield response.content()
+            self.assertEqual(response.code, 307)
+        self.assertEqual(heads, [])
         code, body = yield self.fetch(second, f"/v2/library/app/manifests/{image.tag}")
         self.assertEqual((code, sha(body)), (200, image.digest), "manifests stay with the mirror")
 

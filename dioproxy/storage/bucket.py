@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import asdict
 from typing import Any, Callable
@@ -59,6 +60,9 @@ UPLOADS = 2
 RETRY_FIRST, RETRY_CAP = 1.0, 300.0
 #: An upload attempt's deadline: this long plus its size at this rate (slower is a store in trouble).
 ATTEMPT_BASE, ATTEMPT_RATE = 60.0, 2 * 2**20
+#: Blob sizes remembered from the store's answers, uploads and listings (most recent kept): a blob key names its
+#: bytes, and an object is only ever deleted as damaged (then forgotten here), so a remembered size stays true.
+KNOWN_BLOBS = 100_000
 #: Largest manifest, tag entry or record read back (a damaged or hostile object must not fill memory).
 MAX_SMALL = 4 * 2**20 + 1024
 
@@ -95,6 +99,7 @@ class Bucket:
         self._stopped = False
         self._tags: dict[str, bytes] = {}  # tag key -> the entry to upload
         self._discarding: dict[str, defer.Deferred] = {}  # key of a damaged object -> its deletion
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # digest -> size of blobs known to be in the bucket
         #: Seconds before a failed reconcile (the store down at start) runs again.
         self.reconcile_retry = 10.0
         #: First wait before an upload is tried again (doubling up to RETRY_CAP).
@@ -153,8 +158,21 @@ class Bucket:
         return self.store.presign_get(blob_key(digest), ttl)
 
     async def blob_size(self, digest: str) -> int | None:
+        """The size of the bucket's copy, None if absent or the store does not say; a known blob costs no request."""
+        if digest in self._sizes:
+            self._sizes.move_to_end(digest)
+            return self._sizes[digest]
         info = await self._read(lambda: self.store.head(blob_key(digest)))
-        return None if info is None else info.size
+        if info is None:
+            return None
+        self._known(digest, info.size)
+        return info.size
+
+    def _known(self, digest: str, size: int) -> None:
+        self._sizes[digest] = size
+        self._sizes.move_to_end(digest)
+        if len(self._sizes) > KNOWN_BLOBS:
+            self._sizes.popitem(last=False)
 
     def read_blob(self, digest: str, start: int) -> defer.Deferred:
         """The unread response for the blob from ``start`` (an error if the store fails: the caller goes on)."""
@@ -231,6 +249,7 @@ class Bucket:
         """Delete a damaged object from the bucket (in the background), so the next fill goes upstream; the upload
         of good bytes waits for it (a create-only write would find the damaged object and leave it)."""
         key = blob_key(digest) if kind == BLOB else manifest_key(digest)
+        self._sizes.pop(digest, None)
         d = self.store.delete(key)
         d.addErrback(lambda f: log.warn("cannot delete damaged {key}: {e}", key=key, e=f.getErrorMessage()))
         self._discarding[key] = d
@@ -338,7 +357,10 @@ class Bucket:
         if key in self._discarding:
             await self._discarding[key]
         if kind == BLOB:
-            await self.store.put_file(self.storage.blob_path(digest), key)
+            path = self.storage.blob_path(digest)
+            await self.store.put_file(path, key)
+            with contextlib.suppress(OSError):
+                self._known(digest, os.stat(path).st_size)
             return
         data = self.storage.read_small(self.storage.manifest_path(digest))
         if data is None:
@@ -403,8 +425,12 @@ class Bucket:
             ):
                 if not digests:
                     continue
-                there: set[str] = set()
-                await self.store.walk(prefix, lambda page, there=there: there.update(i.key for i in page))
+                there: dict[str, int] = {}
+                await self.store.walk(prefix, lambda page, there=there: there.update((i.key, i.size) for i in page))
+                if kind == BLOB:
+                    for digest in digests:
+                        if blob_key(digest) in there:
+                            self._known(digest, there[blob_key(digest)])
                 for digest in digests:
                     key = blob_key(digest) if kind == BLOB else manifest_key(digest)
                     if key not in there:
