@@ -21,6 +21,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
+import time
 from collections.abc import Awaitable
 from typing import Any, Callable
 
@@ -51,6 +53,9 @@ RESUMES = 3
 #: How often a follower of another process's fill looks at its file, and every how many looks it checks that
 #: the owner lives (by trying its lock).
 POLL, TAKE_EVERY = 0.02, 10
+
+#: How often a fill read in a thread (from the bucket) tells its followers of the bytes it appended.
+PROGRESS_EVERY = 0.02
 
 #: After the cache disk filled up, how long blob misses stream through uncached before we try caching again.
 DISK_FULL_BACKOFF = 30.0
@@ -171,6 +176,51 @@ class _BodyWriter(protocol.Protocol):
         self.lost.callback(None)
 
 
+class _ThreadedAppend:
+    """The sink of a read in another thread: appends and hashes there (the runner's file and sha256 are not
+    touched on the reactor meanwhile), and reports progress to the reactor a few times a second."""
+
+    def __init__(self, runner: _FillRunner, base: int, reactor: Any) -> None:
+        self.runner = runner
+        self.base = base  # fill.written when the read began
+        self.written = 0  # appended by the thread so far
+        self.reactor = reactor
+        self._told = 0.0
+        self._lock = threading.Lock()
+        self._abandoned = False
+
+    def stopped(self) -> bool:
+        return self._abandoned or self.runner.stopping()
+
+    def abandon(self) -> None:
+        """On the reactor, when the read's wait gave up: the thread appends nothing more from now on (it may still
+        be queued or running), so the upstream can take over the file."""
+        with self._lock:
+            self._abandoned = True
+
+    def append(self, chunk: memoryview) -> None:
+        fill = self.runner.fill
+        if fill.size is not None and self.base + self.written + len(chunk) > fill.size:
+            raise FillFailed(f"the store sent more than the {fill.size} bytes of {fill.digest}")
+        with self._lock:
+            if self._abandoned:
+                raise FillFailed("abandoned")
+            write_all(self.runner.fd, chunk)
+            self.runner.sha.update(chunk)
+            self.written += len(chunk)
+        now = time.monotonic()
+        if now - self._told >= PROGRESS_EVERY:
+            self._told = now
+            self.reactor.callFromThread(self.progress)
+
+    def progress(self) -> None:
+        """On the reactor: followers may read what the thread appended."""
+        fill = self.runner.fill
+        if self.base + self.written > fill.written:
+            fill.written = self.base + self.written
+            fill._notify()
+
+
 class _FillRunner:
     """Drives one :class:`Fill` from the upstream: request, resume on a cut, verify, commit."""
 
@@ -185,6 +235,8 @@ class _FillRunner:
         self.make_room = manager.make_room
         self.verified = manager.verified
         self.bucket = manager.bucket
+        self.manager_reactor = manager.reactor
+        self.stopping = lambda: manager.stopping
         self.sha = hashlib.sha256()
         self.error: Exception | None = None
         self.from_bucket = 0  # bytes the bucket gave
@@ -221,41 +273,40 @@ class _FillRunner:
             self.bucket.blob_stored(fill.digest)  # the bucket lacked it (or said nothing): upload, in the background
 
     async def _from_bucket(self) -> None:
-        """As much of the blob as the bucket gives; any failure of the store leaves the rest to the upstream."""
+        """As much of the blob as the bucket gives; any failure of the store leaves the rest to the upstream.
+
+        The bytes are received, hashed and appended in a reader thread (:meth:`Bucket.read_blob_into`), the
+        followers told of them here, on the reactor, a few times a second and when the read ends."""
         fill = self.fill
         size = await self.bucket.blob_size(fill.digest)
         if size is None or not await self.bucket.may_serve(fill.digest, repository(fill.target)):
             return
-        try:
-            response = await self.bucket.read_blob(fill.digest, fill.written)
-        except Exception as e:
-            log.warn("object store read of {digest} failed ({e}): asking the upstream", digest=fill.digest, e=e)
-            return
-        try:
-            if fill.size is None:
-                fill.size = size
-            await self._check_space(size)
-        except Exception:
-            abandon(response)
-            raise
+        if fill.size is None:
+            fill.size = size
+        if size != fill.size:
+            return  # the bucket's copy is not this blob: the upstream's will be verified
+        await self._check_space(size)
         fill.answered = True
         fill.source = "bucket"
         self._tell()
         fill._notify()
-        writer = _BodyWriter(self, 0)
-        before = fill.written
-        response.deliverBody(writer)
-        await writer.lost
-        self.from_bucket += fill.written - before
-        if self.error is not None:
-            raise FillFailed(str(self.error)) from self.error
-        if not writer.reason.check(webclient.ResponseDone) or fill.written != size:
-            self.bucket.read_failed(writer.reason.value)
+        copy = _ThreadedAppend(self, fill.written, self.manager_reactor)
+        try:
+            await self.bucket.read_blob_into(fill.digest, fill.written, copy.append, copy.stopped, size)
+        except FillFailed:
+            copy.abandon()
+            raise
+        except Exception as e:
+            copy.abandon()
             log.warn(
-                "object store body of {digest} broke off at {n} bytes; going on from the upstream",
+                "object store read of {digest} broke off at {n} bytes ({e}); going on from the upstream",
                 digest=fill.digest,
-                n=fill.written,
+                n=copy.base + copy.written,
+                e=e,
             )
+        finally:
+            copy.progress()
+        self.from_bucket += copy.written
 
     async def _from_upstream(self) -> None:
         fill = self.fill
@@ -441,13 +492,16 @@ class FillManager:
         self.fills: dict[str, Fill] = {}  # the fills this process runs
         self.following: dict[str, Fill] = {}  # fills other processes run, followed from the disk
         self._followers: dict[str, _Follower] = {}
+        self.stopping = False
         self.disk_full_until = 0.0
 
     def get(self, digest: str) -> Fill | None:
         return self.fills.get(digest) or self.following.get(digest)
 
     def stop(self) -> None:
-        """Shutting down: stop following other processes' fills (their readers are cut with the connections)."""
+        """Shutting down: stop following other processes' fills (their readers are cut with the connections) and
+        reading from the bucket."""
+        self.stopping = True
         for follower in list(self._followers.values()):
             follower.stop()
 

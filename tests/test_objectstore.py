@@ -170,9 +170,14 @@ class ObjectStoreTests(_StoreTest):
         tail = yield store.get(key, 10000)
         self.assertEqual((yield treq.content(tail)), data[10000:])
 
+        received = []
+        read = yield store.read_into(key, 10000, lambda chunk: received.append(bytes(chunk)), lambda: False, 60)
+        self.assertEqual((read, b"".join(received)), (len(data) - 10000, data[10000:]))
+
         yield store.delete(key)
         self.assertIsNone((yield store.head(key)))
         yield self.assertFailure(store.get(key), ObjectNotFound)
+        yield self.assertFailure(store.read_into(key, 0, received.append, lambda: False, 60), ObjectNotFound)
         yield store.delete(key)  # deleting what is gone is fine
 
     @defer.inlineCallbacks
@@ -425,6 +430,33 @@ class StalledStoreTests(_StoreTest):
         failure = yield self.within(hasher.done, UpstreamError, self.deadline + 2.0)
         self.assertIn("stalled", str(failure))
         self.assertLess(hasher.size, 40 * MB)
+
+    @defer.inlineCallbacks
+    def test_a_read_into_a_file_fails_within_its_deadline_mid_body(self):
+        """The thread's reads: each wait on the store bounded by the socket's timeout, the reactor never blocked."""
+        path, _ = self.path(40 * MB)
+        yield self.make_store(timeout=30.0).put_file(path, "big")
+        got = []
+
+        def sink(chunk):
+            if not got:
+                self.sw.pause()
+            got.append(len(chunk))
+
+        yield self.within(
+            self.store.read_into("big", 0, sink, lambda: False, 600), ObjectStoreTimeout, self.deadline + 2
+        )
+        self.sw.resume()
+        self.assertLess(sum(got), 40 * MB)
+
+    @defer.inlineCallbacks
+    def test_a_read_into_a_file_stops_when_asked(self):
+        path, _ = self.path(40 * MB)
+        yield self.make_store(timeout=30.0).put_file(path, "big")
+        got = []
+        read = self.store.read_into("big", 0, lambda chunk: got.append(len(chunk)), lambda: len(got) >= 2, 600)
+        yield self.assertFailure(read, ObjectStoreError)
+        self.assertEqual(len(got), 2)
 
     @defer.inlineCallbacks
     def test_upload_fails_within_its_deadline(self):

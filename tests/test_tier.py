@@ -356,30 +356,19 @@ class StoreFaultTests(_TierTest):
         yield first.mirror.bucket.idle()
         second = self.mirror(timeout=2)
         bucket = second.mirror.bucket
-        read_blob = bucket.read_blob
+        read_blob_into = bucket.read_blob_into
 
-        @defer.inlineCallbacks
-        def stalling(digest, start):
-            response = yield read_blob(digest, start)
-            deliver = response.deliverBody
+        def stalling(digest, start, sink, stopped, size):
+            def first_bytes(chunk):  # in the reader thread: the store stalls once the read has begun
+                if not self.sw_paused:
+                    self.sw_paused = True
+                    self.sw.pause()
+                sink(chunk)
 
-            def deliver_then_stall(protocol):
-                received = protocol.dataReceived
-
-                def first_bytes(chunk):
-                    if not self.sw_paused:
-                        self.sw_paused = True
-                        self.sw.pause()
-                    received(chunk)
-
-                protocol.dataReceived = first_bytes
-                deliver(protocol)
-
-            response.deliverBody = deliver_then_stall
-            return response
+            return read_blob_into(digest, start, first_bytes, stopped, size)
 
         self.sw_paused = False
-        bucket.read_blob = stalling
+        bucket.read_blob_into = stalling
         self.fake.clear_requests()
         try:
             code, body = yield self.fetch(second, path)

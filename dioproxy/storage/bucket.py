@@ -174,9 +174,13 @@ class Bucket:
         if len(self._sizes) > KNOWN_BLOBS:
             self._sizes.popitem(last=False)
 
-    def read_blob(self, digest: str, start: int) -> defer.Deferred:
-        """The unread response for the blob from ``start`` (an error if the store fails: the caller goes on)."""
-        return self.store.get(blob_key(digest), start).addErrback(self._read_failed)
+    def read_blob_into(
+        self, digest: str, start: int, sink: Callable[[memoryview], None], stopped: Callable[[], bool], size: int
+    ) -> defer.Deferred:
+        """The blob from ``start`` into ``sink`` (in a reader thread: :meth:`ObjectStore.read_into`), under a
+        deadline for its ``size`` as an upload's; an error if the store fails (the store is then down a while)."""
+        deadline = ATTEMPT_BASE + (size - start) / ATTEMPT_RATE
+        return self.store.read_into(blob_key(digest), start, sink, stopped, deadline).addErrback(self._read_failed)
 
     def _read_failed(self, failure: Failure) -> Failure:
         self.read_failed(failure.value)
