@@ -37,6 +37,9 @@ class BlobAsk:
     reader: Any
     #: hit | miss | pass, once decided (the access log's word for it, failures included).
     outcome: str | None = None
+    #: Another replica of the fleet asks (:mod:`dioproxy.fleet.fills`): answered from the cache or a fill under
+    #: way only, never by starting one or asking the upstream.
+    peer: bool = False
 
 
 class Blobs:
@@ -67,7 +70,7 @@ class Blobs:
         if self.storage is None:
             return await self._upstream(ask)
         self.cache.reading(ask.digest, ask.reader)  # last use; never evicted while this request reads it
-        redirect = self.redirect_ttl is not None and not ask.head
+        redirect = self.redirect_ttl is not None and not ask.head and not ask.peer
         local = await self.storage.size(ask.digest) is not None
         if local:
             await self.private.check(ask.target, ask.digest, "blobs")
@@ -79,9 +82,11 @@ class Blobs:
             if responder is not None:
                 return responder
         try:
-            fill = await self._fill(ask.target, ask.digest, ask.head)
+            fill = await self._fill(ask.target, ask.digest, ask.head or ask.peer)
         except DiskFull:
             fill = None
+        if fill is None and ask.peer:
+            raise blob_unknown(ask.digest)
         if fill is None:
             size = await self._shared_size(ask) if ask.head else None
             if size is not None:
@@ -125,9 +130,9 @@ class Blobs:
         ).addErrback(lambda f: f.value.subFailure.raiseException())
         return size if allowed else None
 
-    async def _fill(self, target: Target, digest: str, head: bool) -> Fill | None:
-        """The fill this request reads, once the upstream answered and ``target`` may read it; None for a HEAD
-        when no fill is under way (a HEAD starts none).
+    async def _fill(self, target: Target, digest: str, join_only: bool) -> Fill | None:
+        """The fill this request reads, once the upstream answered and ``target`` may read it; None when
+        ``join_only`` (a HEAD, a peer replica) and no fill is under way.
 
         A fill runs with its first requester's repository. A follower through another repository waits until
         the upstream confirmed that one holds the blob too (content fetched with credentials has no record yet);
@@ -137,7 +142,7 @@ class Blobs:
         """
         key = repository(target)
         while True:
-            fill = self.fills.get(digest) if head else self.fills.start(digest, self.client_for(target), target)
+            fill = self.fills.get(digest) if join_only else self.fills.start(digest, self.client_for(target), target)
             if fill is None:
                 return None
             theirs = fill.repository != key

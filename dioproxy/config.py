@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from dioproxy.fleet.redis import RedisAddress
 from dioproxy.names import looks_like_host, parse_image
 
 DEFAULT_UPSTREAMS = {
@@ -115,6 +116,15 @@ class Storage:
 
 
 @dataclass(frozen=True)
+class Coordination:
+    """``coordination:``: the replicas of one mirror sharing fills through Redis (``docs/scaling.md``)."""
+
+    redis: str  # redis://host[:port][/db]
+    secret: str = field(repr=False)  # authenticates replicas to each other (the peer endpoint)
+    advertise: str | None = None  # how other replicas reach this one; None: http://<hostname>:<port>
+
+
+@dataclass(frozen=True)
 class Config:
     upstreams: dict[str, Upstream]
     hosts: dict[str, str] = field(default_factory=dict)
@@ -136,6 +146,7 @@ class Config:
     pull_reserve: float = 20.0  # percent of an upstream's pull limit kept for images the cache lacks
     pull_wait: float = 5.0  # a request waits this long for a used-up pull budget to come back, else 429
     storage: Storage = field(default_factory=Storage)
+    coordination: Coordination | None = None
 
 
 def parse_duration(value: Any, key: str) -> float:
@@ -214,7 +225,9 @@ _TOP_KEYS = {
     "prefetch",
     "pull_budget",
     "storage",
+    "coordination",
 }
+_COORDINATION_KEYS = {"redis", "secret", "advertise"}
 _CACHE_KEYS = {"dir", "tag_ttl", "enabled", "max_size", "max_age", "accel_redirect", "negative_ttl"}
 _UPSTREAM_KEYS = {"url", "username", "password", "redirect_hosts"}
 _TIMEOUT_KEYS = {"connect", "read", "offline", "client"}
@@ -354,7 +367,27 @@ def build_config(
         pull_reserve=_percent(budget.get("reserve", 20), "pull_budget.reserve"),
         pull_wait=parse_duration(budget.get("wait", 5), "pull_budget.wait"),
         storage=_storage(data.get("storage"), os.environ if environ is None else environ),
+        coordination=_coordination(data.get("coordination")),
     )
+
+
+def _coordination(value: Any) -> Coordination | None:
+    if value is None:
+        return None
+    spec = _mapping(value, "coordination")
+    _unknown(spec, _COORDINATION_KEYS, "coordination.")
+    redis = spec.get("redis")
+    try:
+        RedisAddress.parse(redis if isinstance(redis, str) else "")
+    except ValueError as e:
+        raise ConfigError(f"coordination.redis: {e}") from None
+    secret = spec.get("secret")
+    if not isinstance(secret, str) or len(secret) < 16:
+        raise ConfigError("coordination.secret: expected a shared random string of at least 16 characters")
+    advertise = spec.get("advertise")
+    if advertise is not None:
+        advertise = _check_url(advertise, "coordination.advertise").rstrip("/")
+    return Coordination(redis, secret, advertise)
 
 
 def _storage(value: Any, environ: Mapping[str, str]) -> Storage:

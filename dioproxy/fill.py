@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.web import client as webclient
 
 from dioproxy.errors import RegistryError, UpstreamError, blob_unknown
+from dioproxy.fleet.lease import Holder
 from dioproxy.pools import BlockingPool
 from dioproxy.private import repository
 from dioproxy.routing import Target
@@ -53,6 +54,10 @@ RESUMES = 3
 #: How often a follower of another process's fill looks at its file, and every how many looks it checks that
 #: the owner lives (by trying its lock).
 POLL, TAKE_EVERY = 0.02, 10
+
+#: A fill streamed from another replica: how many times it asks the fleet again after a break, and how long it
+#: waits after one that brought nothing (the owner's lease expires within fleet.fills.LEASE_TTL).
+PEER_TRIES, PEER_RETRY = 40, 0.5
 
 #: How often a fill read in a thread (from the bucket) tells its followers of the bytes it appended.
 PROGRESS_EVERY = 0.02
@@ -236,6 +241,9 @@ class _FillRunner:
         self.verified = manager.verified
         self.bucket = manager.bucket
         self.manager_reactor = manager.reactor
+        self.fleet = manager.fleet
+        self.lease: Any = None  # the fleet's lease on this digest, while we fetch it
+        self.keeper: Any = None
         self.stopping = lambda: manager.stopping
         self.sha = hashlib.sha256()
         self.error: Exception | None = None
@@ -257,8 +265,17 @@ class _FillRunner:
         self._tell()
         if self.bucket is not None:
             await self._from_bucket()
-        if fill.size is None or fill.written < fill.size:
-            await self._from_upstream()
+        try:
+            if fill.size is None or fill.written < fill.size:
+                await (self._via_fleet() if self.fleet is not None else self._from_upstream())
+            await self._verify_and_commit()
+        finally:
+            if self.lease is not None:
+                self.keeper.stop()
+                await self.fleet.release(self.lease)
+
+    async def _verify_and_commit(self) -> None:
+        fill = self.fill
         got = "sha256:" + self.sha.hexdigest()
         if got != fill.digest:
             if self.from_bucket:
@@ -269,7 +286,7 @@ class _FillRunner:
         if self.verified is not None:
             await self.verified(fill.target, fill.digest)  # before the blob appears: no process may find it unrecorded
         await self.storage.commit(fill.path, fill.digest)  # followers in other processes: the tail is theirs
-        if self.bucket is not None and self.from_bucket < fill.written:
+        if self.bucket is not None and self.from_bucket < fill.written and fill.source != "peer":
             self.bucket.blob_stored(fill.digest)  # the bucket lacked it (or said nothing): upload, in the background
 
     async def _from_bucket(self) -> None:
@@ -307,6 +324,55 @@ class _FillRunner:
         finally:
             copy.progress()
         self.from_bucket += copy.written
+
+    async def _via_fleet(self) -> None:
+        """With ``coordination``: fetch from the upstream only under the digest's lease; while another replica
+        holds it, stream from that one (a broken stream is resumed there, or here once its lease is gone)."""
+        fill = self.fill
+        for _ in range(PEER_TRIES):
+            claim = await self.fleet.claim(fill.digest)
+            if not isinstance(claim, Holder):  # ours, or no fleet to ask
+                if claim is not None:
+                    self.lease, self.keeper = claim, self.fleet.keep(claim)
+                return await self._from_upstream()
+            before = fill.written
+            await self._from_peer(claim)
+            if fill.size is not None and fill.written >= fill.size:
+                return
+            if fill.written == before:  # nothing from it: wait for it to come back or for its lease to expire
+                await task.deferLater(self.manager_reactor, PEER_RETRY, lambda: None)
+        log.warn("fill of {digest}: its owner keeps failing us; fetching it here", digest=fill.digest)
+        await self._from_upstream()
+
+    async def _from_peer(self, holder: Holder) -> None:
+        """What the replica holding the lease gives of the blob (it sends verified bytes only: its tail last)."""
+        fill = self.fill
+        try:
+            response = await self.fleet.stream(holder, fill.target, fill.digest, fill.written)
+        except Exception as e:
+            log.info("peer {url} did not answer for {digest}: {e}", url=holder.url, digest=fill.digest, e=e)
+            return
+        wanted = 206 if fill.written else 200
+        size = response.length if wanted == 200 and isinstance(response.length, int) else fill.size
+        if response.code != wanted or size is None or (fill.size is not None and size != fill.size):
+            abandon(response)
+            log.info("peer {url} answered {code} for {digest}", url=holder.url, code=response.code, digest=fill.digest)
+            return
+        if not fill.written:
+            try:
+                await self._check_space(size)
+            except Exception:
+                abandon(response)
+                raise
+        if not fill.answered:
+            fill.size, fill.answered, fill.source = size, True, "peer"
+            self._tell()
+            fill._notify()
+        writer = _BodyWriter(self, 0)
+        response.deliverBody(writer)
+        await writer.lost
+        if self.error is not None:
+            raise FillFailed(str(self.error)) from self.error
 
     async def _from_upstream(self) -> None:
         fill = self.fill
@@ -489,6 +555,8 @@ class FillManager:
         self.verified: Callable[[Target, str], Awaitable[None]] | None = None
         #: The shared tier (``storage.s3``): the first source of a fill, and where new blobs are uploaded.
         self.bucket: Bucket | None = None
+        #: The fleet (``coordination``): who fetches a digest from the upstream, and the stream from that replica.
+        self.fleet: Any = None
         self.fills: dict[str, Fill] = {}  # the fills this process runs
         self.following: dict[str, Fill] = {}  # fills other processes run, followed from the disk
         self._followers: dict[str, _Follower] = {}

@@ -7,6 +7,7 @@ Resources translate HTTP into calls on a :class:`Mirror`; tests can build one ar
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 from typing import Any
 
@@ -21,6 +22,8 @@ from dioproxy.egress import make_public_http_client
 from dioproxy.errors import name_unknown
 from dioproxy.eviction import CacheBound, IndexedStorage, inflight_bytes
 from dioproxy.fill import FillManager
+from dioproxy.fleet.fills import FleetFills
+from dioproxy.fleet.redis import Redis
 from dioproxy.health import Health
 from dioproxy.manifests import Manifests, ManifestStore, TagIndex
 from dioproxy.metrics import CountingTokenCache, Metrics
@@ -38,7 +41,7 @@ from dioproxy.upstream import UpstreamClient, make_http_client, make_pool
 
 
 class Mirror:
-    def __init__(self, config: Config, reactor: Any, http: HTTPClient | None = None) -> None:
+    def __init__(self, config: Config, reactor: Any, http: HTTPClient | None = None, port: int = 8004) -> None:
         self.config = config
         self.reactor = reactor
         self.metrics = Metrics()
@@ -95,6 +98,8 @@ class Mirror:
         self.blobs = Blobs(self.storage, self.fills, self.cache, self.private, self.client)
         #: The shared tier, only with ``storage.s3`` (and a cache directory to be its hot tier).
         self.bucket = self._make_bucket(config)
+        self.port = port  # ours, for the address other replicas reach us at when coordination.advertise is unset
+        self.fleet = self._make_fleet(config)
         #: Fires once the bucket's start check passed (fails with a StoreConfigError naming the key to fix).
         self.bucket_started: defer.Deferred = defer.succeed(None)
         self._made_secret: str | None = None
@@ -105,6 +110,17 @@ class Mirror:
         self.status = StatusBoard()
         #: The ``prefetch:`` list, kept warm on schedule (started by :meth:`start`).
         self.prefetcher = Prefetcher(self)
+
+    def _make_fleet(self, config: Config) -> FleetFills | None:
+        """``coordination``: one upstream fetch per blob for every replica on the same Redis."""
+        spec = config.coordination
+        if spec is None or self.fills is None:
+            return None
+        advertise = spec.advertise or f"http://{socket.getfqdn()}:{self.port}"
+        redis = Redis.from_url(spec.redis, self.reactor)
+        fleet = FleetFills(redis, spec.secret, advertise, self.reactor, config.read_timeout)
+        self.fills.fleet = fleet
+        return fleet
 
     def _make_bucket(self, config: Config) -> Bucket | None:
         s3 = config.storage.s3
@@ -221,6 +237,8 @@ class Mirror:
         stopped = self.cache.stop() if self.cache else defer.succeed(None)
         written = self.storage.settled() if self.storage else defer.succeed(None)  # small files, in the disk pool
         shared = self.bucket.stop() if self.bucket else defer.succeed(None)
+        if self.fleet:
+            shared = defer.gatherResults([shared, defer.ensureDeferred(self.fleet.close())])
         closed = defer.gatherResults([self.pool.closeCachedConnections(), stopped, written, shared])
         return closed.addBoth(self._stop_pools)
 

@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import re
+import time
 from typing import Any
 from urllib.parse import urlencode
 
@@ -23,6 +24,7 @@ from dioproxy import status, statuspage
 from dioproxy.auth import SERVICE, scope_repositories
 from dioproxy.blobs import BlobAsk
 from dioproxy.errors import RegistryError, UpstreamError, unsupported
+from dioproxy.fleet.fills import PEER_HEADER, verify
 from dioproxy.headers import not_modified, request_header
 from dioproxy.manifests import INDEX_TYPES
 from dioproxy.metrics import MetricsPage
@@ -117,7 +119,7 @@ class Endpoint(resource.Resource):
 
     async def _serve(self, request: server.Request, head: bool) -> None:
         gate = self.mirror.gate
-        if gate is not None and self.guarded:
+        if gate is not None and self.guarded and not self.peer(request):
             ns = arg(request, "ns")  # the token must be for the registry this request is routed to
             realm = base_url(request) + "/token" + ("?" + urlencode({"ns": ns}) if ns else "")
             client = client_address(request, self.mirror.addresses)
@@ -128,6 +130,16 @@ class Endpoint(resource.Resource):
 
     async def handle(self, request: server.Request, head: bool) -> None:
         raise NotImplementedError
+
+    def peer(self, request: server.Request) -> bool:
+        """Whether another replica of the fleet asks (its signature checked); a bad signature is 403."""
+        signature = request_header(request, PEER_HEADER)
+        fleet = self.mirror.fleet
+        if signature is None or fleet is None:
+            return False
+        if not verify(fleet.secret, request.uri.decode("ascii", "replace"), signature, time.time()):
+            raise RegistryError(403, "DENIED", "bad replica signature (coordination.secret differs?)")
+        return True
 
     def target(self, request: server.Request) -> Target:
         target = self.mirror.route(self.name, arg(request, "ns"), request_header(request, "Host"))
@@ -217,6 +229,7 @@ class Blobs(Endpoint):
         accel = self.mirror.config.accel_redirect  # nginx offers to send a cached file itself
         offered = not head and request_header(request, "X-Dioproxy-Accel") == "on" and not not_modified(request)
         ask = BlobAsk(target, digest, head, request_header(request, "Range"), accel if offered else None, request)
+        ask.peer = self.peer(request)
         try:
             responder = await self.mirror.blobs.respond(ask)
         finally:

@@ -163,7 +163,7 @@ def make_worker(options: Options, index: int, reactor: Any) -> service.IService:
 
 
 def _mirror_service(options: Options, reactor: Any, worker: int | None = None) -> tuple[MirrorService, MirrorSite]:
-    mirror = Mirror(options.config, reactor)
+    mirror = Mirror(options.config, reactor, port=options["port"])
     reloader = ConfigReloader(mirror, lambda: reread(options), options["config"], reactor, refusals=(usage.UsageError,))
     site = MirrorSite(Root(mirror))
     return MirrorService(mirror, reloader, site, worker), site
