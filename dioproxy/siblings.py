@@ -34,6 +34,8 @@ from dioproxy.metrics import NAMESPACE, Families, merge
 
 log = Logger()
 
+#: The gauges only an exposition merged from several workers has.
+SCRAPE_GAUGES = (f"{NAMESPACE}_scrape_workers", f"{NAMESPACE}_scrape_workers_missing")
 #: How long a scrape waits for a sibling's exposition (a worker busy streaming answers in milliseconds).
 SIBLING_TIMEOUT = 2.0
 
@@ -74,11 +76,9 @@ class Siblings:
                 families.append(result)
             else:
                 log.warn("worker {i} gave no metrics for this scrape: {e}", i=i, e=result.getErrorMessage())
-        answered = GaugeMetricFamily(
-            f"{NAMESPACE}_scrape_workers", "Workers whose metrics this exposition sums", len(families)
-        )
+        answered = GaugeMetricFamily(SCRAPE_GAUGES[0], "Workers whose metrics this exposition sums", len(families))
         missing = GaugeMetricFamily(
-            f"{NAMESPACE}_scrape_workers_missing",
+            SCRAPE_GAUGES[1],
             "Workers left out of this exposition (no answer within the deadline: their counts are missing)",
             len(self.others) + 1 - len(families),
         )
