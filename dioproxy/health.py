@@ -12,6 +12,10 @@ reset, DNS; a timeout is not retried), a 5xx after the retries, and a token serv
 tokens the registry serves nobody; the probe then asks the token service too). Never a failure: any answer below
 500 (404, 401, 403: the registry is up and answered), a 429 (it answered, and asked us to slow down), a caller that
 gave up on its own request (cancelled before the read timeout), and a token service that answers with an error.
+
+Under ``--workers N`` the windows are shared (:mod:`dioproxy.offlinefiles`): a window one worker opens is seen by
+every worker before its next upstream request, one probe runs for all of them, and an answer in any worker ends
+the window for all.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dioproxy.errors import RegistryError, UpstreamError
+from dioproxy.offlinefiles import OfflineFiles
 
 log = Logger()
 
@@ -57,13 +62,21 @@ class _State:
 class Health:
     """Up or offline, per registry; ``snapshot()`` for the status page."""
 
-    def __init__(self, reactor: Any, window: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        window: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        shared: OfflineFiles | None = None,
+    ) -> None:
         self.reactor = reactor
         #: ``timeouts.offline``: how long a registry stays offline after a failure (0: never).
         self.window = window
         self.clock = clock
         self._states: dict[str, _State] = {}
         self._probes: set[defer.Deferred] = set()
+        #: The windows of the other workers of ``--workers N`` (None: this process is the only one).
+        self.shared = shared
 
     def track(self, registries: Iterable[str]) -> None:
         """The configured registries (at start and after a reload): new ones start up, removed ones are dropped."""
@@ -74,12 +87,28 @@ class Health:
         """Start afresh (its URL or credentials changed on a reload: the old failures say nothing of the new)."""
         if registry in self._states:
             self._states[registry] = _State()
+            self._share("end", registry)
 
     def offline(self, registry: str) -> bool:
         state = self._states.get(registry)
+        if state is not None and self.shared is not None:
+            return self._shared_offline(registry, state)
         if state is None or state.offline_until is None:
             return False
         return state.probing or self.clock() < state.offline_until
+
+    def _shared_offline(self, registry: str, state: _State) -> bool:
+        """The shared file is the window: another worker may have opened, extended or ended it."""
+        until = self.shared.until(registry)
+        if until is None:
+            if not state.probing:
+                state.offline_until = None  # ended by an answer in some worker
+            return state.probing
+        if state.offline_until is None:  # opened by another worker: say why on our status page too
+            state.last_error = self.shared.reason(registry) or "another worker saw it fail"
+            state.last_error_at = until - self.window
+        state.offline_until = until
+        return state.probing or self.clock() < until or self.shared.probing(registry)
 
     def check(self, registry: str, probe: Callable[[], Coroutine[Any, Any, int]]) -> None:
         """Raise :class:`Offline` if ``registry`` is offline, starting ``probe`` (it answers a status code) when
@@ -89,7 +118,9 @@ class Health:
         state = self._states[registry]
         now = self.clock()
         if not state.probing and (state.last_probe is None or now - state.last_probe >= PROBE_INTERVAL):
-            self._probe(registry, state, probe, now)
+            claim = self._claim_probe(registry, now)
+            if claim is not False:  # shared: only the worker that claimed it probes
+                self._probe(registry, state, probe, now, claim)
         wait = max(1, math.ceil(state.offline_until - now))
         raise Offline(registry, f"offline since {state.last_error}; next try in {wait} s", None, str(wait))
 
@@ -97,6 +128,7 @@ class Health:
         """The registry answered (below 500): it is up, whatever window it was in."""
         state = self._state(registry)
         state.last_success = self.clock()
+        self._share("end", registry)
         if state.offline_until is not None:
             state.offline_until = None
             log.info("upstream {registry} answers again; its offline window is over", registry=registry)
@@ -110,6 +142,7 @@ class Health:
         if self.window <= 0:
             return
         state.offline_until = now + self.window
+        self._share("start", registry, state.offline_until, reason)
         if not was_offline:
             log.warn(
                 "upstream {registry} failed ({reason}): offline for {window} s; cached tags are served stale, "
@@ -144,12 +177,43 @@ class Health:
     def _state(self, registry: str) -> _State:
         return self._states.setdefault(registry, _State())
 
-    def _probe(self, registry: str, state: _State, probe: Callable[[], Coroutine[Any, Any, int]], now: float) -> None:
-        """One background ``probe()``, with the window as its deadline: one that hangs is a failure."""
+    def _share(self, what: str, registry: str, *args: Any) -> None:
+        """Tell the other workers (``start`` or ``end`` a window); a run directory we cannot write only costs them
+        finding out for themselves."""
+        if self.shared is None:
+            return
+        try:
+            getattr(self.shared, what)(registry, *args)
+        except OSError as e:
+            log.warn("cannot share the offline window of {registry}: {e}", registry=registry, e=e)
+
+    def _claim_probe(self, registry: str, now: float) -> int | bool | None:
+        """The shared probe lock (a descriptor), None to probe without one, False if another worker probes."""
+        if self.shared is None:
+            return None
+        try:
+            claim = self.shared.claim_probe(registry, now, PROBE_INTERVAL)
+        except OSError as e:
+            log.warn("cannot claim the probe of {registry} ({e}): probing anyway", registry=registry, e=e)
+            return None
+        return False if claim is None else claim
+
+    def _probe(
+        self,
+        registry: str,
+        state: _State,
+        probe: Callable[[], Coroutine[Any, Any, int]],
+        now: float,
+        claim: int | None = None,
+    ) -> None:
+        """One background ``probe()``, with the window as its deadline: one that hangs is a failure. ``claim``:
+        the shared probe lock, let go when it ends."""
         state.probing, state.last_probe = True, now
         d = defer.ensureDeferred(probe())
         d.addTimeout(max(self.window, 0.001), self.reactor)
         self._probes.add(d)
+        if claim is not None:
+            d.addBoth(lambda result: (self.shared.probe_done(claim), result)[1])
 
         def answered(code: int) -> None:
             state.probing = False

@@ -4,11 +4,15 @@ Every name starts with ``dioproxy_``. The numbers come from hooks the core alrea
 (endpoint, status, cache outcome, bytes sent), the upstream client's ``on_response`` / ``on_error``, the fill
 manager's ``on_done``, the token cache, the size-bounded cache and the config reloader. Gauges that describe
 state (fills in progress, cache size) are read when scraped, so they can never drift from the truth.
+
+Under ``--workers N`` each worker keeps its own registry and a scrape answered by any worker covers all of them
+(:mod:`dioproxy.siblings` fetches the others'; :func:`merge` adds them up as :data:`GAUGE_MERGE` says).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any, Callable
 
 from prometheus_client import (
@@ -20,7 +24,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from twisted.web import resource, server
 
 from dioproxy import __version__
@@ -30,6 +34,30 @@ NAMESPACE = "dioproxy"
 #: Request durations: a cached manifest takes a millisecond, a cold multi-GB layer minutes.
 REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 FILL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+#: How each gauge is combined over the workers of ``--workers N`` (counters and histograms are always summed):
+#: ``sum`` for what each process counts of its own (a fill runs in one worker only, a pin is one worker's reader);
+#: ``once`` for what every worker reads from the same shared state: the SQLite index's totals (the answering
+#: worker writes its batch and reads them at the scrape, its siblings have written theirs just before) and the
+#: configuration; ``min`` where the most cautious worker is the one to alert on: the pull budget each learned from
+#: its own upstream answers, the index scan each ran, the last configuration each applied; ``max`` for the
+#: upstream's limit and the build (1 for each version any worker runs). A gauge missing here is summed.
+GAUGE_MERGE = {
+    f"{NAMESPACE}_fills_in_progress": "sum",
+    f"{NAMESPACE}_fill_inflight_bytes": "sum",
+    f"{NAMESPACE}_cache_pinned_entries": "sum",
+    f"{NAMESPACE}_cache_size_bytes": "once",
+    f"{NAMESPACE}_cache_entries": "once",
+    f"{NAMESPACE}_cache_max_size_bytes": "once",
+    f"{NAMESPACE}_cache_index_ready": "min",
+    f"{NAMESPACE}_upstream_ratelimit_remaining": "min",
+    f"{NAMESPACE}_upstream_ratelimit_limit": "max",
+    f"{NAMESPACE}_config_last_reload_success_timestamp_seconds": "min",
+    f"{NAMESPACE}_build_info": "max",
+    f"{NAMESPACE}_scrape_workers": "once",
+    f"{NAMESPACE}_scrape_workers_missing": "once",
+}
+_COMBINE: dict[str, Callable[[float, float], float]] = {"sum": float.__add__, "min": min, "max": max}
 
 # No ``*_created`` series next to every counter: they double the exposition and no dashboard uses them.
 disable_created_metrics()
@@ -234,6 +262,44 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge(workers: Iterable[Iterable[Metric]]) -> list[Metric]:
+    """The metric families of several workers as one exposition; the answering worker's come first (a ``once``
+    gauge is taken from the first worker that has it)."""
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple, tuple[str, dict, float]]] = {}
+    owner: dict[str, int] = {}
+    for i, families in enumerate(workers):
+        for family in families:
+            how = GAUGE_MERGE.get(family.name, "sum") if family.type == "gauge" else "sum"
+            if family.name not in merged:
+                merged[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name], owner[family.name] = {}, i
+            elif how == "once" and owner[family.name] != i:
+                continue
+            samples = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                seen = samples.get(key)
+                value = float(sample.value)
+                if seen is not None and how != "once":
+                    value = _COMBINE[how](seen[2], value)
+                samples[key] = (sample.name, sample.labels, value)
+    for name, family in merged.items():
+        for sample_name, labels, value in values[name].values():
+            family.add_sample(sample_name, labels, value)
+    return list(merged.values())
+
+
+class Families:
+    """Metric families as a registry to :func:`generate_latest`."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return iter(self.families)
 
 
 class _StateCollector:

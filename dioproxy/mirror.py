@@ -28,12 +28,14 @@ from dioproxy.health import Health
 from dioproxy.manifests import Manifests, ManifestStore, TagIndex
 from dioproxy.metrics import CountingTokenCache, Metrics
 from dioproxy.objectstore import ObjectStore
+from dioproxy.offlinefiles import OfflineFiles
 from dioproxy.policy import ClientAddresses, RateLimiter, check_access
 from dioproxy.pools import Pools
 from dioproxy.prefetch import Prefetcher
 from dioproxy.private import PrivateContent
 from dioproxy.reload import apply_config
 from dioproxy.routing import Target, resolve
+from dioproxy.siblings import Siblings
 from dioproxy.status import StatusBoard
 from dioproxy.storage.bucket import STORE_TIMEOUT, Bucket
 from dioproxy.tokensecret import shared_secret
@@ -110,6 +112,13 @@ class Mirror:
         self.status = StatusBoard()
         #: The ``prefetch:`` list, kept warm on schedule (started by :meth:`start`).
         self.prefetcher = Prefetcher(self)
+        #: The other workers of ``--workers N``, whose metrics ``/metrics`` adds to ours (None: the only process).
+        self.siblings: Any = None
+
+    def join_workers(self, run_dir: str, index: int, count: int) -> None:
+        """Worker ``index`` of ``count`` sharing ``run_dir``: the offline windows and ``/metrics`` cover them all."""
+        self.health.shared = OfflineFiles(run_dir)
+        self.siblings = Siblings(self, run_dir, index, count)
 
     def _make_fleet(self, config: Config) -> FleetFills | None:
         """``coordination``: one upstream fetch per blob for every replica on the same Redis."""

@@ -15,6 +15,7 @@ import time
 from typing import Any
 from urllib.parse import urlencode
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -519,6 +520,10 @@ class Scrape(Endpoint):
         await super()._serve(request, head)
 
     async def handle(self, request: server.Request, head: bool) -> None:
+        if self.mirror.siblings is not None:  # --workers N: every worker's metrics, whichever answers
+            request.dioproxy_outcome = "-"
+            body = await self.mirror.siblings.exposition()
+            return self.finish(request, body, CONTENT_TYPE_LATEST, head)
         body = self.page.render(request)
         self.finish(request, body, request.responseHeaders.getRawHeaders("Content-Type")[0], head)
 

@@ -19,6 +19,7 @@ from dioproxy.config import Config, ConfigError, load_config
 from dioproxy.mirror import Mirror
 from dioproxy.reload import ConfigReloader
 from dioproxy.resources import Root
+from dioproxy.siblings import OwnMetrics
 from dioproxy.site import MirrorSite
 from dioproxy.workers import SharedPort, Workers, worker_count
 
@@ -154,9 +155,13 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     return top
 
 
-def make_worker(options: Options, index: int, reactor: Any) -> service.IService:
-    """Worker ``index`` of ``--workers N`` (:mod:`dioproxy.workers`): the mirror on its share of the port."""
+def make_worker(options: Options, index: int, reactor: Any, run_dir: str | None = None) -> service.IService:
+    """Worker ``index`` of ``--workers N`` (:mod:`dioproxy.workers`): the mirror on its share of the port; with
+    the supervisor's ``run_dir``, its offline windows and ``/metrics`` shared with the other workers."""
     top, site = _mirror_service(options, reactor, index)
+    if run_dir is not None:
+        top.mirror.join_workers(run_dir, index, options["workers"])
+        OwnMetrics(top.mirror, run_dir, index).setServiceParent(top)
     factory = site if options.tls is None else TLSMemoryBIOFactory(options.tls, False, site)
     SharedPort(options["port"], options["interface"], factory, reactor).setServiceParent(top)
     return top

@@ -11,7 +11,9 @@ connections still queued for a worker that dies are reset). The supervisor holds
 leftovers once before the first worker starts, restarts a worker that dies (after a pause that grows while they
 keep dying), passes SIGHUP on to every worker, and on SIGTERM stops them all, each draining its requests first.
 
-A worker is ``python -m dioproxy.workers --index I -- <the plugin's options>``.
+A worker is ``python -m dioproxy.workers --index I --run-dir DIR -- <the plugin's options>``. The run directory
+is private to the workers (made by the supervisor with mode 0700, removed when it stops): each worker's metrics
+socket (:mod:`dioproxy.siblings`) and the shared offline windows (:mod:`dioproxy.offlinefiles`) live there.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import argparse
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from typing import Any
 
 from twisted.application import service
@@ -108,11 +112,13 @@ class Workers(service.Service):
         self.restart_in: dict[int, float] = {}
         self.stopping = False
         self.sock: socket.socket | None = None
+        self.run_dir: str | None = None
         self._previous_hup: Any = None
 
     def startService(self) -> None:
         super().startService()
         self.sock = port_socket(self.port, self.interface, listen=False)
+        self.run_dir = tempfile.mkdtemp(prefix="dioproxy-workers-")  # mode 0700
         removed = DiskStorage(self.cache_dir).clean_temp() if self.cache_dir else 0
         log.info(
             "dioproxy: {n} workers on port {port}{leftovers}",
@@ -127,7 +133,8 @@ class Workers(service.Service):
 
     def spawn(self, index: int) -> None:
         worker = _Worker(self, index)
-        args = [sys.executable, "-m", "dioproxy.workers", "--index", str(index), "--", *self.plugin_args]
+        args = [sys.executable, "-m", "dioproxy.workers", "--index", str(index), "--run-dir", self.run_dir]
+        args += ["--", *self.plugin_args]
         self.reactor.spawnProcess(worker, sys.executable, args, env=os.environ, childFDs={0: "w", 1: "r", 2: "r"})
         self.workers[index] = worker
 
@@ -177,6 +184,8 @@ class Workers(service.Service):
                 kill.cancel()
             if self.sock is not None:
                 self.sock.close()
+            if self.run_dir is not None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
 
         return d.addCallback(done)
 
@@ -221,6 +230,7 @@ def _die_with_parent() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dioproxy.workers", description="one worker of --workers N")
     parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--run-dir", help="the workers' private directory (metrics sockets, offline windows)")
     parser.add_argument("plugin_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     plugin_args = args.plugin_args[1:] if args.plugin_args[:1] == ["--"] else args.plugin_args
@@ -235,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout, timeFormat="")], redirectStandardIO=False)
     options = Options()
     options.parseOptions(plugin_args)
-    top = make_worker(options, args.index, reactor)
+    top = make_worker(options, args.index, reactor, args.run_dir)
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()

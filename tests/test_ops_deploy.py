@@ -19,6 +19,7 @@ from twisted.trial import unittest
 
 from dioproxy import config, snippets
 from dioproxy.service import Options
+from dioproxy.siblings import SCRAPE_GAUGES
 from tests.test_ops_metrics import _full_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,6 +155,7 @@ class DocsTests(unittest.TestCase):
         documented = set(re.findall(r"`(dioproxy_[a-z_]+)`", text))
         families = {f.name: f.type for f in text_string_to_metric_families(_full_metrics().exposition().decode())}
         names = {name + ("_total" if kind == "counter" else "") for name, kind in families.items()}
+        names |= set(SCRAPE_GAUGES)  # --workers N only
         self.assertEqual(names - documented, set(), "metrics missing from docs/operations.md")
         table = {n for n in documented if text.count(f"| `{n}` |")}
         self.assertEqual(table - names, set(), "documented metrics that do not exist")

@@ -12,8 +12,11 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from dioproxy import siblings
+from dioproxy.metrics import GAUGE_MERGE
 from dioproxy.storage.partial import read_info
 from tests.harness import ProxyProcess, eventually, start_upstream
+from tests.test_ops_metrics import _full_metrics, value
 
 MB = 1024 * 1024
 CLIENTS = 16
@@ -35,7 +38,7 @@ class WorkersTests(unittest.TestCase):
         self.path = f"/v2/library/x/blobs/{self.digest}"
         self.config = os.path.abspath(self.mktemp())
         with open(self.config, "w") as f:
-            f.write("cache:\n  tag_ttl: 300\n")
+            f.write("cache:\n  tag_ttl: 300\ntimeouts:\n  offline: 60\n")
         self.proxy = ProxyProcess(self, self.cache, self.fake.registry_url, "--workers", "2", "--config", self.config)
         self.url = f"http://127.0.0.1:{self.proxy.port}"
         yield self.proxy.listening()
@@ -49,16 +52,17 @@ class WorkersTests(unittest.TestCase):
     def workers_up(self) -> set[str]:
         return set(re.findall(r"\[worker (\d+)\].*MirrorSite starting", self.log()))
 
-    def served_by(self) -> dict[str, int]:
-        """Blob GETs answered 200 in each worker's access log."""
+    def served_by(self, path: str | None = None, status: int = 200) -> dict[str, int]:
+        """GETs of ``path`` (the blob's) answered ``status`` in each worker's access log."""
         counts: dict[str, int] = {}
-        for worker in re.findall(rf"\[worker (\d+)\].*GET {re.escape(self.path)} 200 ", self.log()):
+        path = re.escape(path or self.path)
+        for worker in re.findall(rf"\[worker (\d+)\].*GET {path} {status} ", self.log()):
             counts[worker] = counts.get(worker, 0) + 1
         return counts
 
     @defer.inlineCallbacks
-    def fetch(self):
-        response = yield self.client.get(self.url + self.path)
+    def fetch(self, path: str | None = None):
+        response = yield self.client.get(self.url + (path or self.path))
         body = yield response.content()
         return response.code, body
 
@@ -122,3 +126,123 @@ class WorkersTests(unittest.TestCase):
         yield eventually(lambda: self.proxy.process.poll() is not None, timeout=40, why="the supervisor exited")
         self.assertIn(self.proxy.process.returncode, (0, -signal.SIGTERM))  # twist ends as its signal says
         self.assertEqual(len(re.findall(r"\[worker \d\].*Received SIGTERM", self.log())), 2)
+
+    @defer.inlineCallbacks
+    def scrape(self):
+        """One ``/metrics`` over a new connection (the kernel picks the worker) and the worker that answered."""
+        before = self.served_by("/metrics")
+        code, body = yield self.fetch("/metrics")
+        self.assertEqual(code, 200)
+        yield eventually(lambda: sum(self.served_by("/metrics").values()) > sum(before.values()), why="logged")
+        after = self.served_by("/metrics")
+        return body.decode(), next(w for w in after if after[w] > before.get(w, 0))
+
+    @defer.inlineCallbacks
+    def test_metrics_cover_both_workers_whichever_answers(self):
+        results = yield defer.gatherResults([self.fetch() for _ in range(CLIENTS)])
+        self.assertEqual([(code, sha(body)) for code, body in results], [(200, self.digest)] * CLIENTS)
+        yield eventually(lambda: sum(self.served_by().values()) == CLIENTS, why="every GET in the access logs")
+        self.assertEqual(sorted(self.served_by()), ["0", "1"], "both workers served clients")
+        answered_by = set()
+        for _ in range(40):  # until both workers answered a scrape (spread by the kernel: 1 in 2 each time)
+            text, worker = yield self.scrape()
+            answered_by.add(worker)
+            self.assertEqual(value(text, "dioproxy_scrape_workers"), 2, text)
+            self.assertEqual(value(text, "dioproxy_scrape_workers_missing"), 0)
+            self.assertEqual(value(text, "dioproxy_requests_total", endpoint="blobs", status="200"), CLIENTS, worker)
+            self.assertEqual(value(text, "dioproxy_request_duration_seconds_count", endpoint="blobs"), CLIENTS)
+            self.assertEqual(value(text, "dioproxy_sent_bytes_total", endpoint="blobs"), CLIENTS * len(self.data))
+            self.assertEqual(value(text, "dioproxy_fills_total"), 1)
+            self.assertEqual(value(text, "dioproxy_upstream_requests_total"), len(self.fake.requests))
+            self.assertEqual(value(text, "dioproxy_cache_size_bytes"), len(self.data), worker)
+            self.assertEqual(value(text, "dioproxy_cache_entries", kind="blob"), 1)
+            self.assertEqual(value(text, "dioproxy_build_info"), 1)
+            if len(answered_by) == 2 and _ >= 3:
+                break
+        self.assertEqual(answered_by, {"0", "1"}, "every scrape went to one worker")
+        self.assertEqual(self.fake.count("cdn", "GET", self.digest), 1)
+
+    @defer.inlineCallbacks
+    def test_a_sibling_that_does_not_answer_is_left_out_within_the_deadline(self):
+        code, _ = yield self.fetch()  # one blob GET, in one worker's counts
+        self.assertEqual(code, 200)
+        stopped = yield eventually(self.owner_pid_of_worker(1), why="worker 1's pid")
+        os.kill(stopped, signal.SIGSTOP)
+        self.addCleanup(os.kill, stopped, signal.SIGCONT)
+        for _ in range(12):  # a scrape that reaches the stopped worker waits for it: cut short, tried again
+            d = self.scrape()
+            d.addTimeout(siblings.SIBLING_TIMEOUT + 3, reactor)
+            try:
+                started = reactor.seconds()
+                text, worker = yield d
+            except Exception:  # cut short by the timeout (ResponseNeverReceived)
+                continue
+            self.assertEqual(worker, "0")
+            self.assertLess(reactor.seconds() - started, siblings.SIBLING_TIMEOUT + 1)
+            self.assertEqual(value(text, "dioproxy_scrape_workers"), 1)
+            self.assertEqual(value(text, "dioproxy_scrape_workers_missing"), 1)
+            break
+        else:
+            self.fail("no scrape reached the worker still running")
+
+    def owner_pid_of_worker(self, index: int):
+        """A check for :func:`eventually`: the pid of worker ``index`` (a child of the supervisor)."""
+
+        def check() -> int | None:
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        argv = f.read().split(b"\0")
+                except OSError:
+                    continue
+                if ppid == self.proxy.pid and b"--index" in argv and argv[argv.index(b"--index") + 1] == b"%d" % index:
+                    return int(pid)
+            return None
+
+        return check
+
+    @defer.inlineCallbacks
+    def test_a_registry_one_worker_took_offline_is_skipped_by_the_other(self):
+        manifest = "/v2/library/gone/manifests/latest"
+        self.fake.fail_next(10_000, status=503)  # every registry request, the probe's HEAD /v2/ too
+        code, _ = yield self.fetch(manifest)
+        self.assertEqual(code, 502)  # the upstream's 503s, after the retries
+        first = self.fake.count("registry", path_contains="/manifests/")
+        self.assertEqual(first, 3, "the first request: three attempts, then the window")
+        for _ in range(16):  # new connections each: the kernel spreads them over both workers
+            code, body = yield self.fetch(manifest)
+            self.assertEqual(code, 503)
+            self.assertIn(b"offline", body)
+        yield eventually(lambda: sum(self.served_by(manifest, 503).values()) == 16, why="every answer logged")
+        self.assertEqual(sorted(self.served_by(manifest, 503)), ["0", "1"], "both workers answered")
+        self.assertEqual(self.fake.count("registry", path_contains="/manifests/"), first, "a worker asked anyway")
+        self.assertLessEqual(self.fake.count("registry", path_contains="/v2/", method="HEAD"), 1, "one probe")
+
+        # The registry is back: the probe of one worker (at most every 5 s) ends the window for both.
+        self.fake.reset_faults()
+        self.fake.add_image("library/gone", "latest", layer_sizes=[10])
+
+        @defer.inlineCallbacks
+        def answered():
+            code, _ = yield self.fetch(manifest)
+            return code == 200
+
+        yield eventually(answered, timeout=15, step=0.2, why="the window ended")
+        for _ in range(16):
+            code, _ = yield self.fetch(manifest)
+            self.assertEqual(code, 200)
+        yield eventually(lambda: sum(self.served_by(manifest).values()) >= 17, why="logged")
+        self.assertEqual(sorted(self.served_by(manifest)), ["0", "1"], "one worker still has it offline")
+
+    def test_every_gauge_says_how_workers_combine_it(self):
+        metrics = _full_metrics()
+        metrics.budget_action("docker.io", "anonymous", "held")
+        state = metrics._state
+        metrics.watch(lambda: {**state(), "budget": [{"registry": "r", "account": "a", "remaining": 1, "limit": 2}]})
+        gauges = {f.name for f in metrics.registry.collect() if f.type == "gauge"}
+        self.assertIn("dioproxy_upstream_ratelimit_remaining", gauges)
+        self.assertEqual(gauges - set(GAUGE_MERGE), set())
