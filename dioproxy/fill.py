@@ -336,7 +336,8 @@ class _FillRunner:
                     self.lease, self.keeper = claim, self.fleet.keep(claim)
                 return await self._from_upstream()
             before = fill.written
-            await self._from_peer(claim)
+            if not await self._from_peer(claim):  # not for us there (or not there): the upstream decides
+                return await self._from_upstream()
             if fill.size is not None and fill.written >= fill.size:
                 return
             if fill.written == before:  # nothing from it: wait for it to come back or for its lease to expire
@@ -344,20 +345,25 @@ class _FillRunner:
         log.warn("fill of {digest}: its owner keeps failing us; fetching it here", digest=fill.digest)
         await self._from_upstream()
 
-    async def _from_peer(self, holder: Holder) -> None:
-        """What the replica holding the lease gives of the blob (it sends verified bytes only: its tail last)."""
+    async def _from_peer(self, holder: Holder) -> bool:
+        """What the replica holding the lease gives of the blob (it sends verified bytes only: its tail last).
+        False when it answered 404: it has no fill of it, or our repository may not read it (its private-content
+        check asked the upstream under our name)."""
         fill = self.fill
         try:
             response = await self.fleet.stream(holder, fill.target, fill.digest, fill.written)
         except Exception as e:
             log.info("peer {url} did not answer for {digest}: {e}", url=holder.url, digest=fill.digest, e=e)
-            return
+            return True
+        if response.code == 404:
+            abandon(response)
+            return False
         wanted = 206 if fill.written else 200
         size = response.length if wanted == 200 and isinstance(response.length, int) else fill.size
         if response.code != wanted or size is None or (fill.size is not None and size != fill.size):
             abandon(response)
             log.info("peer {url} answered {code} for {digest}", url=holder.url, code=response.code, digest=fill.digest)
-            return
+            return True
         if not fill.written:
             try:
                 await self._check_space(size)
@@ -373,6 +379,7 @@ class _FillRunner:
         await writer.lost
         if self.error is not None:
             raise FillFailed(str(self.error)) from self.error
+        return True
 
     async def _from_upstream(self) -> None:
         fill = self.fill

@@ -41,14 +41,16 @@ def eventually(check: Any, timeout: float = 10.0, step: float = 0.05, why: str =
 class Proxy:
     """A running mirror: ``url``, the ``mirror`` object, and a treq client that keeps no connections."""
 
-    def __init__(self, testcase: Any, upstream_url: str, cache_dir: str | None = None, **config: Any) -> None:
+    def __init__(
+        self, testcase: Any, upstream_url: str, cache_dir: str | None = None, port: int = 0, **config: Any
+    ) -> None:
         self.cache_dir = cache_dir or os.path.abspath(testcase.mktemp())
         configured = config.get("upstreams", {})
         overrides = [f"{r}={upstream_url}" for r in ("docker.io", "ghcr.io", "quay.io") if r not in configured]
         self.config = build_config(config or None, overrides, self.cache_dir)
         self.mirror = Mirror(self.config, reactor)
         self.mirror.start()
-        self.port = reactor.listenTCP(0, MirrorSite(Root(self.mirror)), interface="127.0.0.1")
+        self.port = reactor.listenTCP(port, MirrorSite(Root(self.mirror)), interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
         self.client = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         testcase.addCleanup(self.stop)
@@ -98,11 +100,17 @@ class ProxyProcess:
     """
 
     def __init__(
-        self, testcase: Any, cache_dir: str, upstream_url: str, *extra: str, nofile: int | None = None
+        self,
+        testcase: Any,
+        cache_dir: str,
+        upstream_url: str,
+        *extra: str,
+        nofile: int | None = None,
+        port: int | None = None,
     ) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+            self.port = port or s.getsockname()[1]
         self.log_path = os.path.abspath(testcase.mktemp())
         argv = [sys.executable, "-m", "twisted", "--log-format", "text", "dioproxy", "--port", str(self.port)]
         argv += ["--interface", "127.0.0.1", "--cache-dir", cache_dir, "--upstream", f"docker.io={upstream_url}"]

@@ -1,0 +1,157 @@
+"""Replicas on one Redis (``coordination``): one upstream fetch per blob for all of them (dioproxy/fleet/fills.py).
+
+Mirrors with their own cache directories and a real ``redis-server``; in the owner-dies test the replica that owns
+the fill is a real process, SIGKILLed mid-body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+
+import treq
+import yaml
+from twisted.internet import defer, reactor, task, threads
+from twisted.trial import unittest
+
+from tests import redisserver
+from tests.harness import Proxy, ProxyProcess, start_upstream
+from tests.seaweed import free_ports
+
+MB = 1024 * 1024
+SECRET = "a shared random string for the tests"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class FleetTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.redis = yield redisserver.shared("fleet")
+        self.fake = start_upstream(self)
+        self.data = os.urandom(8 * MB + 3)  # a fresh digest: no lease of an earlier test applies
+        self.digest = self.fake.add_blob(self.data)
+        self.path = f"/v2/library/x/blobs/{self.digest}"
+
+    def coordination(self, port: int) -> dict:
+        return {"redis": self.redis.url, "secret": SECRET, "advertise": f"http://127.0.0.1:{port}"}
+
+    def replica(self) -> Proxy:
+        port = free_ports(1)[0]
+        return Proxy(self, self.fake.registry_url, port=port, coordination=self.coordination(port))
+
+    @defer.inlineCallbacks
+    def fetch(self, url: str):
+        """(status, body, seconds to the first body byte, seconds in all)."""
+        began = reactor.seconds()
+        response = yield treq.get(url + self.path, unbuffered=True, persistent=False)
+        chunks, first = [], []
+
+        def got(chunk: bytes) -> None:
+            first or first.append(reactor.seconds() - began)
+            chunks.append(chunk)
+
+        yield treq.collect(response, got)
+        return response.code, b"".join(chunks), first[0] if first else None, reactor.seconds() - began
+
+    @defer.inlineCallbacks
+    def test_sixteen_clients_over_three_replicas_make_one_upstream_get(self):
+        replicas = [self.replica() for _ in range(3)]
+        self.fake.slow(8 * MB)  # about a second
+        results = yield defer.gatherResults([self.fetch(replicas[i % 3].url) for i in range(16)])
+        self.assertEqual([(code, sha(body)) for code, body, _, _ in results], [(200, self.digest)] * 16)
+        self.assertEqual(self.fake.count("cdn", "GET", self.digest), 1, "a replica fetched the blob again")
+        took = min(total for _, _, _, total in results)
+        self.assertLess(max(first for _, _, first, _ in results), took / 2, "a client waited for the whole fill")
+        for proxy in replicas:  # each replica kept what passed in its own hot tier
+            with open(proxy.blob_file(self.digest), "rb") as f:
+                self.assertEqual(sha(f.read()), self.digest)
+
+    @defer.inlineCallbacks
+    def test_redis_down_each_replica_fetches_alone(self):
+        replicas = [self.replica() for _ in range(2)]
+        yield threads.deferToThread(self.redis.stop)
+        try:
+            began = time.monotonic()
+            results = yield defer.gatherResults([self.fetch(p.url) for p in replicas])
+            self.assertLess(time.monotonic() - began, 10, "a client waited for Redis")
+        finally:
+            yield threads.deferToThread(self.redis.start)
+        self.assertEqual([(code, sha(body)) for code, body, _, _ in results], [(200, self.digest)] * 2)
+
+    @defer.inlineCallbacks
+    def test_a_bad_signature_is_refused(self):
+        proxy = self.replica()
+        response = yield proxy.get(self.path, headers={"X-Dioproxy-Peer": [f"{int(time.time())}.00"]})
+        self.assertEqual(response.code, 403)
+        self.assertEqual(self.fake.count("cdn", "GET", self.digest), 0)
+
+    @defer.inlineCallbacks
+    def test_the_followers_clients_finish_when_the_owner_is_killed(self):
+        port = free_ports(1)[0]
+        config = os.path.abspath(self.mktemp())
+        with open(config, "w") as f:
+            yaml.safe_dump({"coordination": self.coordination(port)}, f)
+        owner = ProxyProcess(
+            self, os.path.abspath(self.mktemp()), self.fake.registry_url, "--config", config, port=port
+        )
+        yield owner.listening()
+        self.fake.slow(4 * MB)  # two seconds
+        starter = self.fetch(f"http://127.0.0.1:{port}")
+        starter.addErrback(lambda _: None)  # its connection dies with the owner
+        yield self.fake.wait_for_requests(1, "cdn", "GET", self.digest, timeout=20)
+        followers = [self.replica() for _ in range(2)]
+        pending = [self.fetch(p.url) for p in followers for _ in range(3)]
+        yield task.deferLater(reactor, 0.7, lambda: None)  # mid-body
+        os.kill(owner.pid, signal.SIGKILL)
+        results = yield defer.gatherResults(pending)
+        self.assertEqual([(code, sha(body)) for code, body, _, _ in results], [(200, self.digest)] * 6)
+        gets = self.fake.find("cdn", "GET", self.digest)
+        self.assertLessEqual(len(gets), 2, "more than one more upstream GET after the owner died")
+        self.assertTrue(all(r.headers.get("range") for r in gets[1:]), "the rest was not asked for with Range")
+
+
+class FleetPrivateTests(unittest.TestCase):
+    """Credentialed content streamed between replicas stays with the repositories the upstream lets read it."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.redis = yield redisserver.shared("fleet")
+        self.ghcr = start_upstream(self, users={"bot": "pat"}, private=["acme/private"])
+        self.ghcr.strict_repos = True
+        self.secret = self.ghcr.add_image("acme/private", "1.0", layer_sizes=[4 * MB])
+        self.layer = self.secret.layer_digests[0]
+        self.ghcr.add_image("attacker/x", "1.0", layer_sizes=[10])
+
+    def replica(self) -> Proxy:
+        port = free_ports(1)[0]
+        coordination = {"redis": self.redis.url, "secret": SECRET, "advertise": f"http://127.0.0.1:{port}"}
+        upstream = {"url": self.ghcr.registry_url, "username": "bot", "password": "pat"}
+        return Proxy(
+            self, self.ghcr.registry_url, port=port, coordination=coordination, upstreams={"ghcr.io": upstream}
+        )
+
+    @defer.inlineCallbacks
+    def test_another_repository_is_not_served_a_private_fill_from_a_peer(self):
+        owner, other = self.replica(), self.replica()
+        gate = self.ghcr.gate_blob(self.layer)
+        self.addCleanup(lambda: gate.called or gate.callback(None))
+        rightful = owner.get(f"/v2/ghcr.io/acme/private/blobs/{self.layer}")
+        yield self.ghcr.wait_for_requests(1, "cdn", "GET", self.layer)
+        attacker = other.get(f"/v2/ghcr.io/attacker/x/blobs/{self.layer}")
+        yield self.ghcr.wait_for_requests(1, "registry", "HEAD", f"attacker/x/blobs/{self.layer}", timeout=10)
+        gate.callback(None)
+        response = yield attacker
+        yield response.content()
+        self.assertEqual(response.code, 404, "a peer served credentialed content to another repository")
+        response = yield rightful
+        self.assertEqual(((yield response.content()) == self.secret.layers[0], response.code), (True, 200))
+        self.assertIsNone(other.mirror.storage.blob_size(self.layer), "the other replica stored it")
