@@ -139,7 +139,7 @@ def run_side(side: str, root: str, entries: int, old_package: str | None) -> dic
     @defer.inlineCallbacks
     def main():
         probe.start(TICK)
-        storage = IndexedStorage(root)
+        storage = IndexedStorage(root, pools.disk) if pools is not None else IndexedStorage(root)
         if upgrade:
             bound = make(storage)
             yield phase("start, upgrading from lastuse.json", lambda: start(bound))

@@ -27,9 +27,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import IO, Any
 from urllib.parse import quote
 
@@ -40,8 +41,10 @@ from dioproxy.manifests import INDEX_TYPES
 from dioproxy.names import ImageRef, check_digest
 from dioproxy.objectstore import ObjectStoreError
 from dioproxy.prefetch import blobs_of, select_platforms
+from dioproxy.storage.base import BLOB, MANIFEST
 from dioproxy.storage.bucketscan import BucketScan
-from dioproxy.storage.cachedir import BLOB, MANIFEST, entry_path, scan, tags
+from dioproxy.storage.cachedir import is_cache_dir
+from dioproxy.storage.disk import DiskStorage
 from dioproxy.storage.index import last_use
 from dioproxy.upstream import MANIFEST_TYPES
 
@@ -212,29 +215,30 @@ def prefetch(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
 # -- cache directory commands --------------------------------------------------------------------------------------
 
 
-def tiers(args: argparse.Namespace, err: IO[str] | None = None) -> tuple[str | None, S3Storage | None]:
-    """The cache directory (``--cache-dir``, else ``cache.dir`` of ``--config``, else ./data) and the bucket
-    (``storage.s3`` of ``--config``). With a bucket, a missing directory only means this machine has no hot tier."""
+def tiers(args: argparse.Namespace, err: IO[str] | None = None) -> tuple[DiskStorage | None, S3Storage | None]:
+    """The cache directory (``--cache-dir``, else ``cache.dir`` of ``--config``, else ./data), read as it is, and
+    the bucket (``storage.s3`` of ``--config``). With a bucket, a missing directory only means this machine has no
+    hot tier."""
     try:
         config = load_config(args.config) if args.config else None
     except ConfigError as e:
         raise AdminError(str(e)) from None
     s3 = config.storage.s3 if config else None
     root = os.path.abspath(args.cache_dir or (config.cache_dir if config else "./data"))
-    if not os.path.isdir(os.path.join(root, "blobs")) and not os.path.isdir(os.path.join(root, "repos")):
+    if not is_cache_dir(root):
         if s3 is None:
             raise AdminError(f"{root} is not a dioproxy cache directory (use --cache-dir or --config)")
         if err is not None:
             err.write(f"note: {root} is not a dioproxy cache directory: the bucket only\n")
         return None, s3
-    return root, s3
+    return DiskStorage(root, create=False), s3
 
 
 def cache_root(args: argparse.Namespace) -> str:
-    root, _ = tiers(args)
-    if root is None:
+    local, _ = tiers(args)
+    if local is None:
         raise AdminError("no cache directory here (use --cache-dir)")
-    return root
+    return local.root
 
 
 def _bucket(s3: S3Storage | None, args: argparse.Namespace) -> BucketScan | None:
@@ -249,28 +253,23 @@ class ImageInfo:
     platforms: list[str]
 
 
-def image_info(root: str, tag: Any, trees: Trees | None = None) -> ImageInfo:
+def image_info(local: DiskStorage, tag: Any, trees: Trees | None = None) -> ImageInfo:
     """What a tag's image holds: its manifests (index and children) and blobs, read from the cache directory (and
     from the bucket, with ``trees`` over both)."""
-    tree = (trees or Trees(root, None)).tree(tag.entry.digest if tag.entry else None)
+    tree = (trees or Trees(local, None)).tree(tag.entry.digest if tag.entry else None)
     return ImageInfo(tag, tree.manifests, tree.blobs, tree.platforms)
 
 
-def _size(root: str | None, kind: str, digest: str) -> int:
-    if root is None:
-        return 0
-    try:
-        return os.stat(entry_path(root, kind, digest)).st_size
-    except (FileNotFoundError, NotADirectoryError, IndexError):
-        return 0
+def _size(local: DiskStorage | None, kind: str, digest: str) -> int:
+    return (local.entry_size(kind, digest) or 0) if local is not None else 0
 
 
 def ls(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
-    root, s3 = tiers(args, err)
+    local_tier, s3 = tiers(args, err)
     bucket = _bucket(s3, args)
-    trees = Trees(root, bucket)
-    used = last_use(root) if root else {}
-    local = {(t.registry, t.name, t.tag): t for t in tags(root)} if root else {}
+    trees = Trees(local_tier, bucket)
+    used = last_use(local_tier.root) if local_tier else {}
+    local = {(t.registry, t.name, t.tag): t for t in local_tier.tags()} if local_tier else {}
     with bucketadmin.failures():
         shared = {(t.registry, t.name, t.tag): t for t in bucket.tags()} if bucket else {}
         held = bucketadmin.sizes(bucket) if bucket else {}
@@ -280,7 +279,8 @@ def ls(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         digest = tag.entry.digest if tag and tag.entry else None
         bucket_digest = theirs.entry.digest if theirs and theirs.entry else None
         info = trees.tree(digest or bucket_digest)
-        size = sum(_size(root, BLOB, b) for b in info.blobs) + sum(_size(root, MANIFEST, m) for m in info.manifests)
+        size = sum(_size(local_tier, BLOB, b) for b in info.blobs)
+        size += sum(_size(local_tier, MANIFEST, m) for m in info.manifests)
         times = [used[(MANIFEST, m)] for m in info.manifests if (MANIFEST, m) in used]
         times += [used[(BLOB, b)] for b in info.blobs if (BLOB, b) in used]
         row = {
@@ -289,7 +289,7 @@ def ls(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
             "tag": key[2],
             "digest": digest or bucket_digest,
             "size": size,
-            "blobs_cached": sum(1 for b in info.blobs if _size(root, BLOB, b)),
+            "blobs_cached": sum(1 for b in info.blobs if _size(local_tier, BLOB, b)),
             "blobs": len(info.blobs),
             "platforms": sorted(set(info.platforms)),
             "last_use": max(times) if times else None,
@@ -331,15 +331,15 @@ def ls(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
 
 
 def stats(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
-    root, s3 = tiers(args, err) if (args.cache_dir or args.config or not args.proxy) else (None, None)
+    local, s3 = tiers(args, err) if (args.cache_dir or args.config or not args.proxy) else (None, None)
     bucket = _bucket(s3, args)
-    if root:
-        entries = list(scan(root))
-        used = last_use(root)
+    if local:
+        entries = list(local.scan())
+        used = last_use(local.root)
         by_kind = {kind: [e for e in entries if e.kind == kind] for kind in (BLOB, MANIFEST)}
-        all_tags = list(tags(root))
-        temp = os.listdir(os.path.join(root, "tmp")) if os.path.isdir(os.path.join(root, "tmp")) else []
-        out.write(f"cache directory   {root}\n")
+        all_tags = list(local.tags())
+        temp = local.temp_files()
+        out.write(f"cache directory   {local.root}\n")
         for kind, items in by_kind.items():
             out.write(f"{kind + 's':<17} {len(items):>8}  {human(sum(e.size for e in items)):>9}\n")
         out.write(f"{'total':<17} {len(entries):>8}  {human(sum(e.size for e in entries)):>9}\n")
@@ -400,11 +400,11 @@ def live_summary(text: str) -> str:
 def verify(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     """Every blob and manifest against its digest, tag entries for readability, in the cache directory and the
     bucket; ``--repair`` removes the damaged."""
-    root, s3 = tiers(args, err)
+    local, s3 = tiers(args, err)
     bucket = _bucket(s3, args)
     failed = 0
-    if root:
-        failed = _verify_local(root, args, out)
+    if local:
+        failed = _verify_local(local, args, out)
     if bucket:
         result = bucketadmin.verify(bucket, out, args.repair, args.jobs)
         checked = result.counts
@@ -424,14 +424,14 @@ def verify(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     return 1 if failed else 0
 
 
-def _verify_local(root: str, args: argparse.Namespace, out: IO[str]) -> int:
+def _verify_local(local: DiskStorage, args: argparse.Namespace, out: IO[str]) -> int:
     """The cache directory's half of ``verify``: the number of damaged entries left in place."""
-    damaged: list[tuple[str, str]] = []
+    damaged: list[tuple[Callable[[], None], str]] = []  # (how to remove it, what is wrong)
     counts = {BLOB: 0, MANIFEST: 0}
     checked_bytes = 0
-    for entry in scan(root):
+    for entry in local.scan():
         try:
-            problem = _check_entry(entry)
+            problem = local.check_entry(entry.kind, entry.digest)
         except FileNotFoundError:
             continue  # evicted or purged meanwhile
         except OSError as e:
@@ -439,18 +439,19 @@ def _verify_local(root: str, args: argparse.Namespace, out: IO[str]) -> int:
         counts[entry.kind] += 1
         checked_bytes += entry.size
         if problem:
-            damaged.append((entry.path, f"{entry.kind} {entry.digest}: {problem}"))
+            remove = partial(local.unlink_entry, entry.kind, entry.digest)
+            damaged.append((remove, f"{entry.kind} {entry.digest}: {problem}"))
     tag_count = 0
-    for tag in tags(root):
+    for tag in local.tags():
         tag_count += 1
+        remove = partial(local.unlink_tag, tag.registry, tag.name, tag.tag)
         if tag.entry is None:
-            damaged.append((tag.path, f"tag {tag.registry}/{tag.name}:{tag.tag}: unreadable entry"))
+            damaged.append((remove, f"tag {tag.registry}/{tag.name}:{tag.tag}: unreadable entry"))
         elif not _valid_digest(tag.entry.digest):
-            damaged.append((tag.path, f"tag {tag.registry}/{tag.name}:{tag.tag}: bad digest {tag.entry.digest!r}"))
-    for path, problem in damaged:
+            damaged.append((remove, f"tag {tag.registry}/{tag.name}:{tag.tag}: bad digest {tag.entry.digest!r}"))
+    for remove, problem in damaged:
         if args.repair:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            remove()
             out.write(f"removed  {problem}\n")
         else:
             out.write(f"DAMAGED  {problem}\n")
@@ -469,36 +470,17 @@ def _valid_digest(digest: Any) -> bool:
     return True
 
 
-def _check_entry(entry: Any) -> str | None:
-    sha = hashlib.sha256()
-    with open(entry.path, "rb") as f:
-        if entry.kind == MANIFEST:
-            data = f.read()
-            media_type, newline, body = data.partition(b"\n")
-            if not newline or not media_type:
-                return "not a manifest entry (no media type line)"
-            sha.update(body)
-        else:
-            while True:
-                data = f.read(CHUNK)
-                if not data:
-                    break
-                sha.update(data)
-    got = "sha256:" + sha.hexdigest()
-    return None if got == entry.digest else f"content has digest {got}"
-
-
 def purge(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     """Tags named (or unused for ``--older-than``) and what only they refer to, from the cache directory and the
     bucket; in the bucket nothing another tag refers to goes (see :mod:`dioproxy.bucketadmin`)."""
-    root, s3 = tiers(args, err)
+    local, s3 = tiers(args, err)
     if not args.images and args.older_than is None:
         raise AdminError("purge what? name images (alpine:3.19, ghcr.io/owner/img) or give --older-than")
     images = [parse_image(text, default_tag=None) for text in args.images]
     bucket = _bucket(s3, args)
     with bucketadmin.failures():
         bucket_tags = list(bucket.tags()) if bucket else []
-    all_tags = list(tags(root)) if root else []
+    all_tags = list(local.tags()) if local else []
     doomed_tags, bucket_doomed = [], []
     for text, image in zip(args.images, images):
         matched = [
@@ -514,14 +496,14 @@ def purge(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         doomed_tags += matched
         bucket_doomed += [t for t in shared if t not in bucket_doomed]
     kept_tags = [t for t in all_tags if t not in doomed_tags]
-    if root:
-        _purge_local(root, args, out, doomed_tags, kept_tags)
+    if local:
+        _purge_local(local, args, out, doomed_tags, kept_tags)
     if bucket:
         if args.older_than is not None:
             old = bucketadmin.older_than(bucket_tags, time.time() - args.older_than)
             bucket_doomed += [t for t in old if t not in bucket_doomed]
         kept_local = [t.entry.digest if t.entry else None for t in kept_tags if t not in doomed_tags]
-        trees = Trees(root, bucket)
+        trees = Trees(local, bucket)
         with bucketadmin.failures():
             plan = bucketadmin.plan_purge(bucket, trees, bucket_tags, bucket_doomed, kept_local)
         bucketadmin.purge(
@@ -530,47 +512,46 @@ def purge(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     return 0
 
 
-def _purge_local(root: str, args: argparse.Namespace, out: IO[str], doomed_tags: list, kept_tags: list) -> None:
+def _purge_local(
+    local: DiskStorage, args: argparse.Namespace, out: IO[str], doomed_tags: list, kept_tags: list
+) -> None:
     """The cache directory's half of ``purge``; adds to ``doomed_tags`` the tags whose manifest goes."""
     doomed: set[tuple[str, str]] = set()
     if doomed_tags:
-        keep = _referenced(root, kept_tags)
+        keep = _referenced(local, kept_tags)
         for tag in doomed_tags:
-            info = image_info(root, tag)
+            info = image_info(local, tag)
             doomed |= {(MANIFEST, m) for m in info.manifests} | {(BLOB, b) for b in info.blobs}
         doomed -= keep
     if args.older_than is not None:
         cutoff = time.time() - args.older_than
-        doomed |= {key for key, t in last_use(root).items() if t < cutoff}
+        doomed |= {key for key, t in last_use(local.root).items() if t < cutoff}
         # Tags whose manifest goes too.
         doomed_tags += [t for t in kept_tags if t.entry and (MANIFEST, t.entry.digest) in doomed]
     freed = 0
     verb = "would remove" if args.dry_run else "removed"
     for kind, digest in sorted(doomed):
-        path = entry_path(root, kind, digest)
-        size = _size(root, kind, digest)
-        if not size and not os.path.exists(path):
+        size = local.entry_size(kind, digest)
+        if size is None:
             continue
         if not args.dry_run:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            local.unlink_entry(kind, digest)
         freed += size
         if args.verbose:
             out.write(f"{verb} {kind} {digest} ({human(size)})\n")
     for tag in doomed_tags:
         if not args.dry_run:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tag.path)
+            local.unlink_tag(tag.registry, tag.name, tag.tag)
         out.write(f"{verb} tag {tag.registry}/{tag.name}:{tag.tag}\n")
     out.write(f"{verb} {len(doomed)} entries, {human(freed)}\n")
     if not args.dry_run and (doomed or doomed_tags):
         out.write("a running proxy re-reads the directory on `systemctl reload dioproxy` (SIGHUP) or within the hour\n")
 
 
-def _referenced(root: str, kept: Iterable[Any]) -> set[tuple[str, str]]:
+def _referenced(local: DiskStorage, kept: Iterable[Any]) -> set[tuple[str, str]]:
     keep: set[tuple[str, str]] = set()
     for tag in kept:
-        info = image_info(root, tag)
+        info = image_info(local, tag)
         keep |= {(MANIFEST, m) for m in info.manifests} | {(BLOB, b) for b in info.blobs}
     return keep
 

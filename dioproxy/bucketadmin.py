@@ -35,7 +35,7 @@ from dioproxy.prefetch import platform_of
 from dioproxy.storage.base import TagEntry
 from dioproxy.storage.bucketscan import TAGS, BucketScan, BucketTag, kind_key
 from dioproxy.storage.cachedir import BLOB, MANIFEST, references
-from dioproxy.storage.disk import read_manifest
+from dioproxy.storage.disk import DiskStorage
 
 Key = tuple[str, str]  # (kind, digest)
 
@@ -78,13 +78,13 @@ class Trees:
     """What an image refers to, its manifests read from the cache directory first (no request), else the bucket;
     each verified against its digest, each read once per command."""
 
-    def __init__(self, root: str | None, scan: BucketScan | None) -> None:
-        self.root, self.scan = root, scan
+    def __init__(self, local: DiskStorage | None, scan: BucketScan | None) -> None:
+        self.local, self.scan = local, scan
         self._refs: dict[str, tuple[list[str], list[str], list[str]] | None] = {}
 
     def _read(self, digest: str) -> tuple[list[str], list[str], list[str]] | None:
         if digest not in self._refs:
-            found = read_manifest(self.root, digest) if self.root else None
+            found = self.local.peek_manifest(digest) if self.local else None
             if found is None and self.scan is not None:
                 with contextlib.suppress(ValueError):
                     found = self.scan.manifest(digest)

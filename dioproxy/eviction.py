@@ -3,13 +3,14 @@
 - Sizes and last-use times live in the cache index (:mod:`dioproxy.storage.index`, SQLite, shared by every process on
   the directory), touched only from the ``index`` thread. A hit costs a dict entry here: stored entries and last
   uses are written in batches, before each check (every second) and at shutdown.
-- The start-up scan and the hourly rescan reconcile the directory with the index in the background, one slice
-  (a blob prefix directory, the manifests) at a time: listed in the ``disk`` pool, merged in the ``index`` thread.
-  Entries of a directory that predates the index start from their file's mtime (or the old ``lastuse.json``).
+- The start-up scan and the hourly rescan reconcile the store with the index in the background, one of its slices
+  (a blob prefix directory, the manifests) at a time: listed by the store (in its ``disk`` pool), merged in the
+  ``index`` thread. Entries of a directory that predates the index start from their file's mtime (or the old
+  ``lastuse.json``).
 - The bound counts the stored entries (of every process) plus the blobs being downloaded here now (their
   announced size), so disk use stays under it while fills run, not only once they are done.
 - Victims are chosen by a query (least recently used first, a few hundred per turn) and taken out of the index
-  in one transaction; their files are deleted in the ``disk`` pool. An entry being read here (a client streaming
+  in one transaction, then deleted by the store (in its ``disk`` pool). An entry being read here (a client streaming
   that blob) is pinned and never evicted; pins are per process. A blob being filled is not an entry yet.
 - ``cache.max_age``: entries not read for that long are removed too.
 - With the shared tier (``storage.s3``), ``held`` names the entries not uploaded yet: they stay, like pinned
@@ -18,7 +19,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import time
@@ -28,13 +28,12 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from dioproxy.pools import PoolTimeout
-from dioproxy.storage.cachedir import BLOB, KINDS, LASTUSE_FILE, MANIFEST, entry_path, load_lastuse, slices
-from dioproxy.storage.disk import DiskStorage, listing, unlink_all
+from dioproxy.storage.base import BLOB, KINDS, MANIFEST, Key
+from dioproxy.storage.disk import DiskStorage
 from dioproxy.storage.index import CacheIndex, index_path
 
 log = Logger()
 
-Key = tuple[str, str]  # (kind, digest)
 #: Victims taken per turn: the hooks and metrics run on the reactor, so a big expiry goes in slices.
 SLICE = 500
 #: Seconds before opening the index or a scan that failed for a passing reason runs again.
@@ -253,20 +252,19 @@ class CacheBound:
         return result
 
     async def _reconcile(self, index: CacheIndex) -> None:
-        root = self.storage.root
-        old = await self.pools.disk.run(load_lastuse, root)  # a directory from before the index
+        old = await self.storage.legacy_last_uses()  # a directory from before the index
         added = removed = 0
-        for kind, prefix, directory in slices(root):
+        for kind, prefix in self.storage.slices():
             if self._stopped:
                 return
             listed_at = self.clock()
-            found = await self.pools.disk.run(listing, directory, prefix)
+            found = await self.storage.list_entries(kind, prefix)
             more, gone = await self._write(
                 index, CacheIndex.reconcile, kind, prefix, found, listed_at, old[kind], set(self._leaving)
             )
             added, removed = added + more, removed + gone
         if any(old.values()):
-            await self.pools.disk.run(_unlink, os.path.join(root, LASTUSE_FILE))  # migrated into the index
+            await self.storage.drop_legacy_last_uses()  # migrated into the index
         self._scanned(added, removed)
 
     def _scanned(self, added: int, removed: int) -> None:
@@ -409,13 +407,12 @@ class CacheBound:
         return self._track(defer.ensureDeferred(self._make_room(nbytes)))
 
     def _evict(self, victims: list[tuple[str, str, int, str]]) -> defer.Deferred:
-        """Delete the files of entries taken out of the index (in the disk pool); fires with the bytes freed."""
+        """Delete entries taken out of the index from the store; fires with the bytes freed."""
         if not victims:
             return defer.succeed(0)
         keys = [(kind, digest) for kind, digest, _, _ in victims]
         self._leaving.update(keys)
-        root = self.storage.root
-        d = self.pools.disk.run(unlink_all, [entry_path(root, kind, digest) for kind, digest, _, _ in victims])
+        d = self.storage.delete_entries(keys)
         d.addCallback(self._evicted, victims)
         d.addErrback(lambda f: log.failure("eviction: cannot delete files", f) or 0)
 
@@ -467,11 +464,6 @@ def _in_index(
     index.apply(added, touched)
     value = f(index, *args) if f is not None else None
     return value, index.totals()
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 def inflight_bytes(fills: Any) -> int:

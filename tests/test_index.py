@@ -17,8 +17,9 @@ from twisted.trial import unittest
 from bench.index_lag import ENTRY_SIZE, build, digest, entry_path
 from dioproxy.eviction import CacheBound, IndexedStorage
 from dioproxy.pools import Pools
-from dioproxy.storage.cachedir import BLOB, LASTUSE_FILE, MANIFEST, scan
+from dioproxy.storage.cachedir import BLOB, MANIFEST, scan
 from dioproxy.storage.index import CacheIndex, index_path, last_use
+from dioproxy.storage.layout import LASTUSE_FILE
 from tests.test_ops_eviction import KB, FakeRequest, digest_of, lru_keys
 from tests.test_ops_reload import eventually
 
@@ -47,9 +48,9 @@ class Process:
     """What one proxy process has: its storage object, its pools, its bound."""
 
     def __init__(self, testcase: unittest.TestCase, root: str, **kwargs) -> None:
-        self.storage = IndexedStorage(root)
         self.pools = Pools(reactor)
         testcase.addCleanup(self.pools.stop)
+        self.storage = IndexedStorage(root, self.pools.disk)
         self.bound = CacheBound(self.storage, reactor, check_interval=0, rescan_interval=0, pools=self.pools, **kwargs)
         testcase.addCleanup(self.bound.stop)
 
@@ -261,12 +262,13 @@ class ScanRetryTests(unittest.TestCase):
         """EMFILE while listing (a connection flood at start) is a passing state: no traceback, the scan runs
         again and the index becomes ready."""
         from dioproxy import eviction
+        from dioproxy.storage import disk
 
         root = os.path.abspath(self.mktemp())
         proc = Process(self, root, max_size=10**9)
         proc.put_blob(1, 10)
         self.patch(eviction, "SCAN_RETRY", 0.05)
-        real, failures = eviction.listing, []
+        real, failures = disk.listing, []
 
         def listing(*args):
             if not failures:
@@ -274,7 +276,7 @@ class ScanRetryTests(unittest.TestCase):
                 raise OSError(24, "Too many open files")
             return real(*args)
 
-        self.patch(eviction, "listing", listing)
+        self.patch(disk, "listing", listing)
         yield proc.bound.start()
         self.assertFalse(proc.bound.ready)
         yield proc.bound.when_ready()

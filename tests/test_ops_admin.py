@@ -217,6 +217,18 @@ class CacheCommandTests(unittest.TestCase):
         self.assertIn("purge what?", err)
 
 
+class ReadAsItIsTests(unittest.TestCase):
+    def test_cache_commands_create_nothing(self):
+        """ls, stats, verify and a dry-run purge read a cache directory as it is: no subdirectory appears (the
+        store they go through would make its layout's directories otherwise)."""
+        root = self.mktemp()
+        os.makedirs(os.path.join(root, "repos"))
+        for argv in (["ls"], ["stats"], ["verify"], ["purge", "--older-than", "1d", "--dry-run"]):
+            code, _, err = run(*argv, "--cache-dir", root)
+            self.assertEqual((code, err), (0, ""), argv)
+            self.assertEqual(os.listdir(root), ["repos"], argv)
+
+
 class ClientConfigTests(unittest.TestCase):
     def test_docker(self):
         code, out, _ = run("client-config", "--docker", "--address", "mirror.lan:8004")

@@ -18,6 +18,11 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
+#: ``kind`` of an entry: blobs and manifests are kept apart, a digest may be both.
+BLOB, MANIFEST = "blob", "manifest"
+KINDS = (BLOB, MANIFEST)
+#: ``(kind, digest)``: one stored entry, as the cache bound names it.
+Key = tuple[str, str]
 #: ``(digest, size, mtime)`` of a stored entry, as listings give them.
 Listed = tuple[str, int, float]
 
@@ -95,4 +100,14 @@ class MetadataStore(Protocol):
 
 
 class Store(BlobStore, MetadataStore, Protocol):
-    """Blobs and their metadata in one place (the cache directory)."""
+    """Blobs and their metadata in one place (the cache directory), entries of both kinds by ``(kind, digest)``
+    for the cache bound (:mod:`dioproxy.eviction`)."""
+
+    def slices(self) -> list[tuple[str, str]]:
+        """``(kind, digest prefix)`` pieces that together list every entry, each cheap to list on its own."""
+
+    def list_entries(self, kind: str, prefix: str) -> Deferred[list[Listed]]:
+        """The stored entries of ``kind`` whose digest starts with ``prefix`` (a piece of :meth:`slices`)."""
+
+    def delete_entries(self, keys: list[Key]) -> Deferred[list[str | None]]:
+        """Remove entries; per key None (removed), ``"gone"`` (was not there) or what went wrong."""

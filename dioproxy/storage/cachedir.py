@@ -1,7 +1,8 @@
-"""Reading the cache directory as a whole: entries with sizes, slices of them for the index, tags.
+"""Reading the cache directory as a whole: listings, every entry with its size, tags, the old last-use snapshot.
 
-Plain blocking functions, no Twisted: the proxy runs them in its disk pool, the ``dioproxy`` admin command calls
-them directly. The layout itself belongs to :mod:`dioproxy.storage.disk`, the last uses to
+Plain blocking functions, no Twisted: the store (:class:`~dioproxy.storage.disk.DiskStorage`) runs them in its
+disk pool or, for the ``dioproxy`` admin command, at once; the index reads the directory with them when the admin
+asks it for last uses. Paths come from :mod:`dioproxy.storage.layout`, the last uses of today from
 :mod:`dioproxy.storage.index`.
 """
 
@@ -14,51 +15,57 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from dioproxy.storage.base import TagEntry
-from dioproxy.storage.disk import blob_path, listing, manifest_path
+from dioproxy.storage import layout
+from dioproxy.storage.base import BLOB, KINDS, MANIFEST, Listed, TagEntry
 
-#: ``kind`` of an entry: blobs and manifests live in separate trees, a digest may be in both.
-BLOB, MANIFEST = "blob", "manifest"
-KINDS = (BLOB, MANIFEST)
-#: Last uses as versions before the index kept them (a JSON snapshot): read once into the index, then removed.
-LASTUSE_FILE = "lastuse.json"
+_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
 class Entry:
     kind: str
     digest: str
-    path: str
     size: int
     mtime: float
 
 
-def entry_path(root: str, kind: str, digest: str) -> str:
-    return blob_path(root, digest) if kind == BLOB else manifest_path(root, digest)
+def is_cache_dir(root: str) -> bool:
+    """Whether a proxy ever stored something here (blobs or tags); the admin refuses any other directory."""
+    blobs = os.path.dirname(layout.blobs_dir(root))  # blobs/, whatever digest algorithms it holds
+    return os.path.isdir(blobs) or os.path.isdir(layout.repos_dir(root))
+
+
+def listing(directory: str, prefix: str = "sha256:") -> list[Listed]:
+    """The entries of one directory (files named by a sha256 digest) whose digest starts with ``prefix``."""
+    try:
+        items = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    found = []
+    for item in items:
+        digest = "sha256:" + item.name
+        if not _HEX.fullmatch(item.name) or not digest.startswith(prefix):
+            continue
+        try:
+            st = item.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        found.append((digest, st.st_size, st.st_mtime))
+    return found
 
 
 def scan(root: str) -> Iterator[Entry]:
     """Every stored blob and manifest (files named by a sha256 digest), with size and mtime."""
-    blobs = os.path.join(root, "blobs", "sha256")
     with contextlib.suppress(FileNotFoundError):
-        for prefix in os.scandir(blobs):
+        for prefix in os.scandir(layout.blobs_dir(root)):
             if prefix.is_dir(follow_symlinks=False):
                 yield from _files(prefix.path, BLOB)
-    yield from _files(os.path.join(root, "manifests", "sha256"), MANIFEST)
+    yield from _files(layout.manifests_dir(root), MANIFEST)
 
 
 def _files(directory: str, kind: str) -> Iterator[Entry]:
     for digest, size, mtime in listing(directory):
-        yield Entry(kind, digest, os.path.join(directory, digest.split(":", 1)[1]), size, mtime)
-
-
-def slices(root: str) -> list[tuple[str, str, str]]:
-    """The directory in pieces the index reconciles one at a time: ``(kind, digest prefix, directory)`` for the
-    manifests and for each of the 256 blob prefix directories (``blobs/sha256/<2 hex>/``)."""
-    blobs = os.path.join(root, "blobs", "sha256")
-    return [(MANIFEST, "sha256:", os.path.join(root, "manifests", "sha256"))] + [
-        (BLOB, f"sha256:{i:02x}", os.path.join(blobs, f"{i:02x}")) for i in range(256)
-    ]
+        yield Entry(kind, digest, size, mtime)
 
 
 def load_lastuse(root: str) -> dict[str, dict[str, float]]:
@@ -79,7 +86,7 @@ def load_lastuse(root: str) -> dict[str, dict[str, float]]:
 
     rest = b""
     try:
-        with open(os.path.join(root, LASTUSE_FILE), "rb") as f:
+        with open(layout.lastuse_path(root), "rb") as f:
             while chunk := f.read(1 << 20):
                 text = rest + chunk
                 cut = text.rfind(b",") + 1  # a piece ends between two entries
@@ -99,15 +106,14 @@ class Tag:
     registry: str
     name: str
     tag: str
-    path: str
     entry: TagEntry | None  # None: the tag file is unreadable
 
 
 def tags(root: str) -> Iterator[Tag]:
     """Every tag entry under ``repos/<registry>/<name>/_tags/<tag>``."""
-    repos = os.path.join(root, "repos")
+    repos = layout.repos_dir(root)
     for directory, subdirs, files in os.walk(repos):
-        if os.path.basename(directory) != "_tags":
+        if os.path.basename(directory) != layout.TAGS:
             subdirs[:] = [d for d in subdirs if not d.startswith(".")]
             continue
         subdirs[:] = []
@@ -121,7 +127,7 @@ def tags(root: str) -> Iterator[Tag]:
                     entry = TagEntry(**json.load(f))
             except (OSError, ValueError, TypeError):
                 entry = None
-            yield Tag(repo[0], "/".join(repo[1:]), tag, path, entry)
+            yield Tag(repo[0], "/".join(repo[1:]), tag, entry)
 
 
 def references(body: bytes) -> tuple[list[str], list[str]]:

@@ -1,17 +1,9 @@
 """The cache on disk: content-addressed blobs and manifests, tag entries and private records; the disk
-implementation of :mod:`dioproxy.storage.base`'s blob and metadata stores.
-
-Layout under the cache directory::
-
-    blobs/sha256/ab/<hex>          blob bytes, named by their digest
-    manifests/sha256/<hex>         media type, a newline, then the manifest bytes
-    repos/<registry>/<name>/_tags/<tag>   JSON tag entry ({"digest", "media_type", "size", "checked"})
-    private/<hex>                  JSON list of the repositories credentialed content was seen in
-    tmp/                           fills in progress (<hex>.part, locked by their owner: storage/partial.py)
+implementation of :mod:`dioproxy.storage.base`'s blob and metadata stores, over the layout of
+:mod:`dioproxy.storage.layout`.
 
 Every entry appears by ``rename`` of a complete, verified (and for small files fsynced) temp file, so a crash never
-leaves a half-written entry in place. ``_tags`` cannot collide with a repository path: name components never start
-with ``_``.
+leaves a half-written entry in place.
 """
 
 from __future__ import annotations
@@ -20,8 +12,8 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import secrets
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -29,30 +21,15 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dioproxy.pools import BlockingPool
-from dioproxy.storage import partial
-from dioproxy.storage.base import Listed, TagEntry
+from dioproxy.storage import cachedir, layout, partial
+from dioproxy.storage.base import BLOB, MANIFEST, Key, TagEntry
+from dioproxy.storage.cachedir import listing
+from dioproxy.storage.layout import blob_name as blob_name  # dioproxy.blobs builds the nginx accel path with it
 
 log = Logger()
 
-_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def _hex(digest: str) -> str:
-    return digest.split(":", 1)[1]
-
-
-def blob_name(digest: str) -> str:
-    """Where a blob lies under ``blobs/sha256/`` (what an nginx location for ``X-Accel-Redirect`` aliases)."""
-    hexdigest = _hex(digest)
-    return f"{hexdigest[:2]}/{hexdigest}"
-
-
-def blob_path(root: str, digest: str) -> str:
-    return os.path.join(root, "blobs", "sha256", blob_name(digest))
-
-
-def manifest_path(root: str, digest: str) -> str:
-    return os.path.join(root, "manifests", "sha256", _hex(digest))
+#: Bytes read at a time when a whole entry is checked against its digest.
+CHUNK = 1024 * 1024
 
 
 def _read(path: str) -> bytes | None:
@@ -73,7 +50,7 @@ def _manifest_entry(data: bytes, digest: str) -> tuple[str, bytes] | None:
 
 def read_manifest(root: str, digest: str) -> tuple[str, bytes] | None:
     """(media type, bytes) of a stored manifest, or None (missing, or not matching its digest)."""
-    data = _read(manifest_path(root, digest))
+    data = _read(layout.manifest_path(root, digest))
     return None if data is None else _manifest_entry(data, digest)
 
 
@@ -121,13 +98,15 @@ class DiskStorage:
     Small files (manifests, tag entries, records) are written in ``pool`` (the disk pool: an fsync must never
     stall the reactor), one write at a time per path, the latest bytes winning; until a write is done, reads
     through this object see its bytes, so callers can go on as if it were done. Without a pool (the command-line
-    tools) they are written at once.
+    tools) they are written at once; listings and deletes too.
+
+    ``create=False`` (the command-line tools): a directory is read as it is, no subdirectory made.
     """
 
-    def __init__(self, root: str, pool: BlockingPool | None = None) -> None:
+    def __init__(self, root: str, pool: BlockingPool | None = None, *, create: bool = True) -> None:
         self.root = os.path.abspath(root)
-        self.tmp = os.path.join(self.root, "tmp")
-        for sub in ("blobs/sha256", "manifests/sha256", "repos", "tmp"):
+        self.tmp = layout.tmp_dir(self.root)
+        for sub in layout.DIRS if create else ():
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         self.pool = pool
         self._writing: dict[str, bytes | None] = {}  # path -> bytes being written now (None: a removal)
@@ -154,7 +133,7 @@ class DiskStorage:
     # -- blobs ---------------------------------------------------------------------------------------------------
 
     def blob_path(self, digest: str) -> str:
-        return blob_path(self.root, digest)
+        return layout.blob_path(self.root, digest)
 
     def blob_size(self, digest: str) -> int | None:
         try:
@@ -190,16 +169,15 @@ class DiskStorage:
         return defer.succeed(None)
 
     def delete(self, digests: list[str]) -> defer.Deferred:
-        return self._run(unlink_all, [self.blob_path(d) for d in digests])
+        return self.delete_entries([(BLOB, d) for d in digests])
 
     def list(self, prefix: str) -> defer.Deferred:
-        directory = os.path.join(self.root, "blobs", "sha256", _hex(prefix)[:2])
-        return self._run(listing, directory, prefix)
+        return self.list_entries(BLOB, prefix)
 
     # -- manifests -----------------------------------------------------------------------------------------------
 
     def manifest_path(self, digest: str) -> str:
-        return manifest_path(self.root, digest)
+        return layout.manifest_path(self.root, digest)
 
     def read_manifest(self, digest: str) -> tuple[str, bytes] | None:
         """(media type, bytes), or None; a file that does not match its digest is removed, never served."""
@@ -217,19 +195,87 @@ class DiskStorage:
     def has_manifest(self, digest: str) -> bool:
         return os.path.exists(self.manifest_path(digest))
 
+    def peek_manifest(self, digest: str) -> tuple[str, bytes] | None:
+        """As :meth:`read_manifest`, but a damaged file stays (the command-line tools report it)."""
+        return read_manifest(self.root, digest)
+
     def delete_manifests(self, digests: list[str]) -> defer.Deferred:
-        return self._run(unlink_all, [self.manifest_path(d) for d in digests])
+        return self.delete_entries([(MANIFEST, d) for d in digests])
 
     def list_manifests(self, prefix: str) -> defer.Deferred:
-        return self._run(listing, os.path.join(self.root, "manifests", "sha256"), prefix)
+        return self.list_entries(MANIFEST, prefix)
+
+    # -- entries of both kinds (the cache bound, the command-line tools) ----------------------------------------
+
+    def slices(self) -> list[tuple[str, str]]:
+        return layout.slices()
+
+    def list_entries(self, kind: str, prefix: str) -> defer.Deferred:
+        return self._run(listing, layout.entry_dir(self.root, kind, prefix), prefix)
+
+    def delete_entries(self, keys: list[Key]) -> defer.Deferred:
+        return self._run(unlink_all, [layout.entry_path(self.root, kind, digest) for kind, digest in keys])
+
+    def legacy_last_uses(self) -> defer.Deferred:
+        """``{kind: {digest: time}}`` from the snapshot of versions before the index (empty: none); see
+        :func:`~dioproxy.storage.cachedir.load_lastuse`."""
+        return self._run(cachedir.load_lastuse, self.root)
+
+    def drop_legacy_last_uses(self) -> defer.Deferred:
+        """Remove that snapshot, once the index holds what it said."""
+        return self._run(_unlink, layout.lastuse_path(self.root))
+
+    # Blocking, answered at once: the command-line tools.
+
+    def scan(self) -> Iterator[cachedir.Entry]:
+        """Every stored blob and manifest with its size and mtime."""
+        return cachedir.scan(self.root)
+
+    def tags(self) -> Iterator[cachedir.Tag]:
+        """Every tag entry (None where unreadable)."""
+        return cachedir.tags(self.root)
+
+    def temp_files(self) -> list[str]:
+        """Names in ``tmp/``: fills under way, or what a crash left."""
+        tmp = self.tmp
+        return os.listdir(tmp) if os.path.isdir(tmp) else []
+
+    def entry_size(self, kind: str, digest: str) -> int | None:
+        """The entry's size; None if it is not stored (or ``digest`` names no file)."""
+        try:
+            return os.stat(layout.entry_path(self.root, kind, digest)).st_size
+        except (FileNotFoundError, NotADirectoryError, IndexError):
+            return None
+
+    def check_entry(self, kind: str, digest: str) -> str | None:
+        """What is wrong with a stored entry (its bytes against its digest; a manifest's media type line), None if
+        nothing. Raises FileNotFoundError if it is not stored, OSError if it cannot be read."""
+        sha = hashlib.sha256()
+        with open(layout.entry_path(self.root, kind, digest), "rb") as f:
+            if kind == MANIFEST:
+                data = f.read()
+                media_type, newline, body = data.partition(b"\n")
+                if not newline or not media_type:
+                    return "not a manifest entry (no media type line)"
+                sha.update(body)
+            else:
+                while data := f.read(CHUNK):
+                    sha.update(data)
+        got = "sha256:" + sha.hexdigest()
+        return None if got == digest else f"content has digest {got}"
+
+    def unlink_entry(self, kind: str, digest: str) -> None:
+        """Remove an entry now (gone already is fine; other errors are raised)."""
+        _unlink(layout.entry_path(self.root, kind, digest))
+
+    def unlink_tag(self, registry: str, name: str, tag: str) -> None:
+        """Remove a tag entry now, past the queue of small writes (gone already is fine; other errors are raised)."""
+        _unlink(layout.tag_path(self.root, registry, name, tag))
 
     # -- tags ----------------------------------------------------------------------------------------------------
 
-    def _tags_dir(self, registry: str, name: str) -> str:
-        return os.path.join(self.root, "repos", registry, name, "_tags")
-
     def tag_path(self, registry: str, name: str, tag: str) -> str:
-        return os.path.join(self._tags_dir(registry, name), tag)
+        return layout.tag_path(self.root, registry, name, tag)
 
     def read_tag(self, registry: str, name: str, tag: str) -> TagEntry | None:
         data = self.read_small(self.tag_path(registry, name, tag))
@@ -253,7 +299,7 @@ class DiskStorage:
     def list_tags(self, registry: str, name: str) -> defer.Deferred:
         """Fires with the sorted tags we hold an entry for, entries still being written included: the directory is
         listed in the disk pool, the pending writes are merged here, on the reactor, where they change."""
-        directory = self._tags_dir(registry, name)
+        directory = layout.tags_dir(self.root, registry, name)
         listed = self._run(_listdir, directory)
 
         def merged(tags: set[str]) -> list[str]:
@@ -271,7 +317,7 @@ class DiskStorage:
     # -- private records -----------------------------------------------------------------------------------------
 
     def _record_path(self, digest: str) -> str:
-        return os.path.join(self.root, "private", _hex(digest))
+        return layout.record_path(self.root, digest)
 
     def read_record(self, digest: str) -> bytes | None:
         return self.read_small(self._record_path(digest))
@@ -361,6 +407,11 @@ def _listdir(directory: str) -> set[str]:
         return set()
 
 
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def unlink_all(paths: list[str]) -> list[str | None]:
     """Per path: None (removed), "gone" (it was not there) or the error."""
     errors: list[str | None] = []
@@ -373,22 +424,3 @@ def unlink_all(paths: list[str]) -> list[str | None]:
         except OSError as e:
             errors.append(str(e))
     return errors
-
-
-def listing(directory: str, prefix: str = "sha256:") -> list[Listed]:
-    """The entries of one directory (files named by a sha256 digest) whose digest starts with ``prefix``."""
-    try:
-        items = list(os.scandir(directory))
-    except FileNotFoundError:
-        return []
-    found = []
-    for item in items:
-        digest = "sha256:" + item.name
-        if not _HEX.fullmatch(item.name) or not digest.startswith(prefix):
-            continue
-        try:
-            st = item.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        found.append((digest, st.st_size, st.st_mtime))
-    return found
