@@ -142,7 +142,8 @@ class Blobs:
         """
         key = repository(target)
         while True:
-            fill = self.fills.get(digest) if join_only else self.fills.start(digest, self.client_for(target), target)
+            client = self.client_for(target)
+            fill = self.fills.join(digest, client, target) if join_only else self.fills.start(digest, client, target)
             if fill is None:
                 return None
             theirs = fill.repository != key

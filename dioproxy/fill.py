@@ -595,19 +595,34 @@ class FillManager:
                 self._disk_full()
                 raise DiskFull() from e
             raise
+        if not claim.owned:
+            return self._follow(claim, digest, client, target)
         fill = Fill(digest, claim.path, target, self.reactor.seconds())
-        if not claim.owned:  # whose it is comes with the owner's info file: until then, nobody's and private
-            fill.foreign, fill.repository, fill.credentialed = True, "", True
-            self.following[digest] = fill
-            self._followers[digest] = _Follower(fill, claim, client, self)
-            self._followers[digest].start()
-            return fill
         if self.storage.blob_size(digest) is not None:  # committed by another process a moment ago
             claim.release(remove=True)
             fill.repository = ""  # unknown: the caller checks private content as for anyone else's fill
             fill.answered = fill.done = True
             return fill
         self.run(fill, claim, client)
+        return fill
+
+    def join(self, digest: str, client: UpstreamClient, target: Target) -> Fill | None:
+        """The fill under way for ``digest`` here or in another process on the cache directory; None if there is
+        none (a HEAD or another replica's request starts none)."""
+        existing = self.get(digest)
+        if existing is not None:
+            return existing
+        claim = partial.held(self.storage.tmp, digest)
+        return None if claim is None else self._follow(claim, digest, client, target)
+
+    def _follow(self, claim: Claim, digest: str, client: UpstreamClient, target: Target) -> Fill:
+        """Follow the fill another process runs in ``claim``'s file (and take it over if that process dies)."""
+        fill = Fill(digest, claim.path, target, self.reactor.seconds())
+        # Whose it is comes with the owner's info file: until then, nobody's, and private.
+        fill.foreign, fill.repository, fill.credentialed = True, "", True
+        self.following[digest] = fill
+        self._followers[digest] = _Follower(fill, claim, client, self)
+        self._followers[digest].start()
         return fill
 
     def run(self, fill: Fill, claim: Claim, client: UpstreamClient) -> None:

@@ -99,6 +99,18 @@ class SharedFillTests(unittest.TestCase):
         self.assertEqual(self.first.temp_files(), [])
 
     @defer.inlineCallbacks
+    def test_a_head_in_the_second_process_is_answered_from_the_first_ones_fill(self):
+        """A HEAD (or a peer replica's request) starts no fill, but joins one another process runs."""
+        self.fake.slow(4 * MB)
+        first = self.fetch(self.first)
+        yield eventually(lambda: self.first.mirror.fills.get(self.digest) is not None)
+        yield self.fake.wait_for_requests(1, "cdn", "GET", self.digest)
+        status, headers = yield self.second.head(self.path)
+        self.assertEqual((status, headers.get("content-length")), (200, str(len(self.data))))
+        yield first
+        self.assertEqual(self.fake.count("cdn", "GET", self.digest), 1, "the HEAD asked the upstream")
+
+    @defer.inlineCallbacks
     def test_a_follower_gets_a_range_of_the_growing_file(self):
         self.fake.slow(4 * MB)
         first = self.fetch(self.first)

@@ -93,6 +93,20 @@ def claim(tmp: str, digest: str) -> Claim:
         os.close(fd)  # renamed (committed) or unlinked (failed) under us: the path names a new file now
 
 
+def held(tmp: str, digest: str) -> Claim | None:
+    """The partial file of ``digest`` if another process is filling it now (a claim not ours), else None; never
+    creates one."""
+    path = part_path(tmp, digest)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    if _lock(fd) or not same_file(path, fd):  # nobody fills it (a leftover), or it just ended
+        os.close(fd)
+        return None
+    return Claim(path, fd, owned=False)
+
+
 def same_file(path: str, fd: int) -> bool:
     try:
         there = os.stat(path)
