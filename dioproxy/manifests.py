@@ -16,6 +16,7 @@ private record allows. What the upstream tells us is written through to the buck
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections import OrderedDict
@@ -26,6 +27,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dioproxy.errors import RegistryError, UpstreamError, manifest_unknown
+from dioproxy.fleet.tags import FleetTags
 from dioproxy.health import Offline
 from dioproxy.names import is_digest
 from dioproxy.private import PrivateContent, repository
@@ -214,6 +216,8 @@ class Manifests:
         self.on_stale = on_stale
         #: The shared tier, read on a local miss and written through (None: the cache directory alone).
         self.bucket: Bucket | None = None
+        #: ``coordination``: tag entries shared by the replicas (checked by one, fresh for all).
+        self.fleet_tags: FleetTags | None = None
         self._flights = SingleFlight()
 
     def drop_memory(self) -> None:
@@ -284,10 +288,19 @@ class Manifests:
             entry = await self.bucket.read_tag(registry, name, tag)
             if entry is not None:
                 self.tags.put(registry, name, tag, entry)  # the local tier; the bucket has it
+        shared = None
+        if self.fleet_tags is not None and (entry is None or now - entry.checked >= ttl):
+            shared = await self.fleet_tags.get(registry, name, tag)  # checked by another replica since?
+            if shared is not None and (entry is None or shared.checked > entry.checked):
+                entry = shared
+                self.tags.put(registry, name, tag, entry)
         if entry is not None and now - entry.checked < ttl:
             cached = self.store.get(entry.digest) or await self._from_bucket(target, entry.digest)
             if cached is not None:
                 return Manifest(entry.digest, cached[0], cached[1], "hit")
+            if entry is shared:  # another replica checked the tag: only the body is missing, fetched by digest
+                with contextlib.suppress(RegistryError):  # gone upstream meanwhile: check the tag as usual
+                    return await self._by_digest(target, entry.digest)
         try:
             digest = await self._head(target, tag) if entry is not None else None
             client = self.client_for(target)
@@ -328,6 +341,8 @@ class Manifests:
         self.tags.put(registry, name, tag, checked)
         if self.bucket is not None:
             self.bucket.tag_checked(registry, name, tag, checked)
+        if self.fleet_tags is not None:
+            self.fleet_tags.put(registry, name, tag, checked)
         return manifest
 
     def _stale(self, target: Target, tag: str, entry: TagEntry | None, reason: str) -> Manifest | None:

@@ -24,6 +24,7 @@ from dioproxy.eviction import CacheBound, IndexedStorage, inflight_bytes
 from dioproxy.fill import FillManager
 from dioproxy.fleet.fills import FleetFills
 from dioproxy.fleet.redis import Redis
+from dioproxy.fleet.tags import FleetTags
 from dioproxy.health import Health
 from dioproxy.manifests import Manifests, ManifestStore, TagIndex
 from dioproxy.metrics import CountingTokenCache, Metrics
@@ -129,6 +130,7 @@ class Mirror:
         redis = Redis.from_url(spec.redis, self.reactor)
         fleet = FleetFills(redis, spec.secret, advertise, self.reactor, config.read_timeout)
         self.fills.fleet = fleet
+        self.manifests.fleet_tags = FleetTags(redis)
         return fleet
 
     def _make_bucket(self, config: Config) -> Bucket | None:

@@ -16,8 +16,9 @@ import yaml
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
+from dioproxy.fleet.tags import FleetTags
 from tests import redisserver
-from tests.harness import Proxy, ProxyProcess, start_upstream
+from tests.harness import Proxy, ProxyProcess, eventually, start_upstream
 from tests.seaweed import free_ports
 
 MB = 1024 * 1024
@@ -155,3 +156,36 @@ class FleetPrivateTests(unittest.TestCase):
         response = yield rightful
         self.assertEqual(((yield response.content()) == self.secret.layers[0], response.code), (True, 200))
         self.assertIsNone(other.mirror.storage.blob_size(self.layer), "the other replica stored it")
+
+
+class FleetTagTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.redis = yield redisserver.shared("fleet")
+        self.fake = start_upstream(self)
+        self.name = f"library/t{time.monotonic_ns()}"  # a tag no earlier test shared
+        self.image = self.fake.add_image(self.name, "1.0", layer_sizes=[1000])
+
+    def replica(self) -> Proxy:
+        port = free_ports(1)[0]
+        coordination = {"redis": self.redis.url, "secret": SECRET, "advertise": f"http://127.0.0.1:{port}"}
+        return Proxy(self, self.fake.registry_url, port=port, coordination=coordination)
+
+    @defer.inlineCallbacks
+    def test_a_tag_checked_by_one_replica_is_fresh_for_the_others(self):
+        first, second = self.replica(), self.replica()
+        path = f"/v2/{self.name}/manifests/1.0"
+        response = yield first.get(path)
+        self.assertEqual(sha((yield response.content())), self.image.digest)
+        tags = FleetTags(first.mirror.fleet.redis)
+        yield eventually(lambda: defer.ensureDeferred(tags.get("docker.io", self.name, "1.0")), why="entry shared")
+        self.fake.clear_requests()
+        response = yield second.get(path)
+        self.assertEqual(sha((yield response.content())), self.image.digest)
+        answered = [
+            r for r in self.fake.find("registry", None, "/manifests/") if r.status != 401
+        ]  # not the token dance
+        asked = [(r.method, r.path.rsplit("/", 1)[-1]) for r in answered]
+        self.assertEqual(asked, [("GET", self.image.digest)], "the second replica checked the tag again")
