@@ -6,6 +6,8 @@ Resources translate HTTP into calls on a :class:`Mirror`; tests can build one ar
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import socket
 import time
@@ -160,10 +162,13 @@ class Mirror:
         self.limiter = RateLimiter(security.rate, security.burst, reactor.seconds) if security.rate else None
 
     def token_secret(self, config: Config) -> str:
-        """``auth.secret``, else one made once for the cache directory (for this process without a cache): the same
-        across reloads and restarts, and for every process sharing the directory."""
+        """``auth.secret``, else one derived from ``coordination.secret`` (a login on one replica holds on all),
+        else one made once for the cache directory (for this process without a cache): the same across reloads
+        and restarts, and for every process sharing the directory."""
         if config.security.token_secret:
             return config.security.token_secret
+        if config.coordination is not None:
+            return hmac.new(config.coordination.secret.encode(), b"dioproxy login tokens", hashlib.sha256).hexdigest()
         if self._made_secret is None:
             self._made_secret = shared_secret(config.cache_dir) if config.cache_enabled else secrets.token_hex(32)
         return self._made_secret

@@ -20,6 +20,7 @@ from dioproxy.fleet.tags import FleetTags
 from tests import redisserver
 from tests.harness import Proxy, ProxyProcess, eventually, start_upstream
 from tests.seaweed import free_ports
+from tests.test_logins import basic, write_htpasswd
 
 MB = 1024 * 1024
 SECRET = "a shared random string for the tests"
@@ -189,3 +190,31 @@ class FleetTagTests(unittest.TestCase):
         ]  # not the token dance
         asked = [(r.method, r.path.rsplit("/", 1)[-1]) for r in answered]
         self.assertEqual(asked, [("GET", self.image.digest)], "the second replica checked the tag again")
+
+
+class FleetLoginTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.redis = yield redisserver.shared("fleet")
+        self.fake = start_upstream(self)
+        self.fake.add_image("library/hello", "1.0", layer_sizes=[100])
+
+    @defer.inlineCallbacks
+    def test_a_login_on_one_replica_holds_on_the_others(self):
+        htpasswd = write_htpasswd(self, 4)
+        replicas = []
+        for _ in range(2):
+            port = free_ports(1)[0]
+            coordination = {"redis": self.redis.url, "secret": SECRET, "advertise": f"http://127.0.0.1:{port}"}
+            replicas.append(
+                Proxy(self, self.fake.registry_url, port=port, coordination=coordination, auth={"htpasswd": htpasswd})
+            )
+        response = yield replicas[0].get(
+            "/token?scope=repository:library/hello:pull", headers=basic("alice", "wonderland")
+        )
+        token = (yield response.json())["token"]
+        response = yield replicas[1].get(
+            "/v2/library/hello/manifests/1.0", headers={"Authorization": [f"Bearer {token}"]}
+        )
+        yield response.content()
+        self.assertEqual(response.code, 200, "the other replica refused a token its sibling issued")
