@@ -24,7 +24,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.web import resource, server
 
 from dioproxy import __version__
@@ -54,6 +54,7 @@ GAUGE_MERGE = {
     f"{NAMESPACE}_upstream_ratelimit_limit": "max",
     f"{NAMESPACE}_config_last_reload_success_timestamp_seconds": "min",
     f"{NAMESPACE}_build_info": "max",
+    f"{NAMESPACE}_fleet_redis_up": "min",
     f"{NAMESPACE}_scrape_workers": "once",
     f"{NAMESPACE}_scrape_workers_missing": "once",
 }
@@ -319,6 +320,7 @@ class _StateCollector:
             f"{ns}_fill_inflight_bytes", "Bytes written so far by fills in progress", state.get("fill_bytes", 0)
         )
         yield from _budget_gauges(state.get("budget", []))
+        yield from _fleet_families(state.get("fleet"))
         if "cache_size" not in state:
             return
         yield GaugeMetricFamily(
@@ -335,6 +337,22 @@ class _StateCollector:
         yield GaugeMetricFamily(
             f"{ns}_cache_index_ready", "1 once the start-up scan of the cache directory is done", state["ready"]
         )
+
+
+def _fleet_families(fleet: dict[str, Any] | None) -> Any:
+    """``coordination``: whether Redis answers, and what the digests' leases said (dioproxy.fleet.fills)."""
+    if fleet is None:
+        return
+    yield GaugeMetricFamily(f"{NAMESPACE}_fleet_redis_up", "1 while Redis answers the fleet's calls", fleet["up"])
+    claims = CounterMetricFamily(
+        f"{NAMESPACE}_fleet_claims",
+        "Lease requests before an upstream fetch, by outcome: owner (we fetch), follower (we stream from the "
+        "replica that does), alone (Redis did not answer: we fetch without the fleet)",
+        labels=["outcome"],
+    )
+    for outcome, n in sorted(fleet["claims"].items()):
+        claims.add_metric([outcome], n)
+    yield claims
 
 
 def _budget_gauges(allowances: list[dict[str, Any]]) -> Any:

@@ -235,6 +235,8 @@ class Mirror:
         state = {"fills": len(fills), "fill_bytes": sum(f.written for f in fills), "budget": self.budget.snapshot()}
         if self.cache:
             state.update(self.cache.state())
+        if self.fleet:
+            state["fleet"] = {"up": 0 if self.fleet.redis.down else 1, "claims": dict(self.fleet.claims)}
         return state
 
     def request_done(self, request: Any, aborted: bool = False) -> None:

@@ -26,6 +26,12 @@ MB = 1024 * 1024
 SECRET = "a shared random string for the tests"
 
 
+def claims(proxy: Proxy, outcome: str) -> float:
+    """What the replica's /metrics says its lease requests answered."""
+    value = proxy.mirror.metrics.registry.get_sample_value("dioproxy_fleet_claims_total", {"outcome": outcome})
+    return value or 0
+
+
 def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -74,6 +80,8 @@ class FleetTests(unittest.TestCase):
         for proxy in replicas:  # each replica kept what passed in its own hot tier
             with open(proxy.blob_file(self.digest), "rb") as f:
                 self.assertEqual(sha(f.read()), self.digest)
+        owners = sum(claims(p, "owner") for p in replicas)
+        self.assertEqual((owners, sum(claims(p, "follower") for p in replicas) >= 2), (1, True))
 
     @defer.inlineCallbacks
     def test_redis_down_each_replica_fetches_alone(self):
@@ -86,6 +94,7 @@ class FleetTests(unittest.TestCase):
         finally:
             yield threads.deferToThread(self.redis.start)
         self.assertEqual([(code, sha(body)) for code, body, _, _ in results], [(200, self.digest)] * 2)
+        self.assertEqual([claims(p, "alone") for p in replicas], [1, 1])
 
     @defer.inlineCallbacks
     def test_a_bad_signature_is_refused(self):

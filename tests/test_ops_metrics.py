@@ -215,6 +215,7 @@ def _full_metrics() -> Metrics:
             "max_size": 0,
             "pinned": 0,
             "ready": 1,
+            "fleet": {"up": 1, "claims": {"owner": 0}},
         }
     )
     return m

@@ -65,6 +65,7 @@ class FleetFills:
         self.advertise = advertise
         self.reactor = reactor
         self.timeout = timeout  # for a peer's answer and each pause in its body (timeouts.read)
+        self.claims = {"owner": 0, "follower": 0, "alone": 0}  # what claim() answered (/metrics)
         pool = webclient.HTTPConnectionPool(reactor, persistent=True)
         self._pool = pool
         self.http = HTTPClient(webclient.Agent(reactor, connectTimeout=min(10.0, timeout), pool=pool))
@@ -76,12 +77,15 @@ class FleetFills:
             for _ in range(3):  # a lease that expired between our two questions: ask again
                 lease = await self.leases.acquire(f"fill:{digest}", LEASE_TTL, self.advertise)
                 if lease is not None:
+                    self.claims["owner"] += 1
                     return lease
                 holder = await self.leases.holder(f"fill:{digest}")
                 if holder is not None:
+                    self.claims["follower"] += 1
                     return holder
         except FleetUnavailable as e:
             log.info("fleet unavailable ({e}): fetching {digest} without it", e=e, digest=digest)
+        self.claims["alone"] += 1
         return None
 
     def keep(self, lease: Lease) -> task.LoopingCall:
