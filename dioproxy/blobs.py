@@ -70,6 +70,8 @@ class Blobs:
         if self.storage is None:
             return await self._upstream(ask)
         self.cache.reading(ask.digest, ask.reader)  # last use; never evicted while this request reads it
+        if self.fills.bucket is not None:
+            self.fills.bucket.used(ask.digest)  # and the bucket's, for the fleet's bound
         redirect = self.redirect_ttl is not None and not ask.head and not ask.peer
         local = await self.storage.size(ask.digest) is not None
         if local:

@@ -106,6 +106,8 @@ class S3Storage:
     secret_key: str | None = field(default=None, repr=False)
     redirect: bool = False  # cached blob GETs answered 307 to a presigned URL of the store
     redirect_ttl: float = 300.0  # lifetime of those URLs
+    max_size: int | None = None  # blob bytes the bucket may hold, for the whole fleet (needs coordination)
+    max_age: float | None = None  # blobs unused this long leave the bucket (needs coordination)
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,8 @@ _S3_KEYS = {
     "secret_key_file",
     "redirect",
     "redirect_ttl",
+    "max_size",
+    "max_age",
 }
 # S3's own rules for bucket names (3-63 of a-z 0-9 . -, starting and ending with a letter or digit).
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -367,12 +371,16 @@ def build_config(
         pull_reserve=_percent(budget.get("reserve", 20), "pull_budget.reserve"),
         pull_wait=parse_duration(budget.get("wait", 5), "pull_budget.wait"),
         storage=_storage(data.get("storage"), os.environ if environ is None else environ),
-        coordination=_coordination(data.get("coordination")),
+        coordination=_coordination(data.get("coordination"), data.get("storage")),
     )
 
 
-def _coordination(value: Any) -> Coordination | None:
+def _coordination(value: Any, storage: Any) -> Coordination | None:
     if value is None:
+        s3 = (storage or {}).get("s3") or {} if isinstance(storage, dict) else {}
+        for key in ("max_size", "max_age"):
+            if isinstance(s3, dict) and s3.get(key) is not None:
+                raise ConfigError(f"storage.s3.{key}: needs coordination.redis (the bucket's last uses are kept there)")
         return None
     spec = _mapping(value, "coordination")
     _unknown(spec, _COORDINATION_KEYS, "coordination.")
@@ -423,7 +431,11 @@ def _storage(value: Any, environ: Mapping[str, str]) -> Storage:
     ttl = parse_duration(spec.get("redirect_ttl", 300), "storage.s3.redirect_ttl")
     if not 1 <= ttl <= _PRESIGN_MAX:
         raise ConfigError(f"storage.s3.redirect_ttl: expected 1s to 7d (what a presigned URL allows), got {ttl:g} s")
-    return Storage(S3Storage(bucket, endpoint, region, prefix, access_key, secret_key, redirect, ttl))
+    max_size = parse_size(spec["max_size"], "storage.s3.max_size") if spec.get("max_size") is not None else None
+    max_age = parse_duration(spec["max_age"], "storage.s3.max_age") if spec.get("max_age") is not None else None
+    return Storage(
+        S3Storage(bucket, endpoint, region, prefix, access_key, secret_key, redirect, ttl, max_size or None, max_age)
+    )
 
 
 def _secret(spec: dict, name: str, from_env: str | None) -> str | None:

@@ -248,6 +248,7 @@ class _FillRunner:
         self.sha = hashlib.sha256()
         self.error: Exception | None = None
         self.from_bucket = 0  # bytes the bucket gave
+        self.from_peer = 0  # bytes another replica gave (it uploads what it fetched)
 
     def append(self, data: bytes) -> None:
         fill = self.fill
@@ -286,7 +287,7 @@ class _FillRunner:
         if self.verified is not None:
             await self.verified(fill.target, fill.digest)  # before the blob appears: no process may find it unrecorded
         await self.storage.commit(fill.path, fill.digest)  # followers in other processes: the tail is theirs
-        if self.bucket is not None and self.from_bucket < fill.written and fill.source != "peer":
+        if self.bucket is not None and self.from_bucket + self.from_peer < fill.written:
             self.bucket.blob_stored(fill.digest)  # the bucket lacked it (or said nothing): upload, in the background
 
     async def _from_bucket(self) -> None:
@@ -375,8 +376,10 @@ class _FillRunner:
             self._tell()
             fill._notify()
         writer = _BodyWriter(self, 0)
+        before = fill.written
         response.deliverBody(writer)
         await writer.lost
+        self.from_peer += fill.written - before
         if self.error is not None:
             raise FillFailed(str(self.error)) from self.error
         return True

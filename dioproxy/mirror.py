@@ -24,7 +24,9 @@ from dioproxy.egress import make_public_http_client
 from dioproxy.errors import name_unknown
 from dioproxy.eviction import CacheBound, IndexedStorage, inflight_bytes
 from dioproxy.fill import FillManager
+from dioproxy.fleet.bucketuse import BucketBound, BucketUse
 from dioproxy.fleet.fills import FleetFills
+from dioproxy.fleet.lease import Leases
 from dioproxy.fleet.redis import Redis
 from dioproxy.fleet.tags import FleetTags
 from dioproxy.health import Health
@@ -104,6 +106,7 @@ class Mirror:
         #: The shared tier, only with ``storage.s3`` (and a cache directory to be its hot tier).
         self.bucket = self._make_bucket(config)
         self.port = port  # ours, for the address other replicas reach us at when coordination.advertise is unset
+        self.bucket_bound: BucketBound | None = None
         self.fleet = self._make_fleet(config)
         #: Fires once the bucket's start check passed (fails with a StoreConfigError naming the key to fix).
         self.bucket_started: defer.Deferred = defer.succeed(None)
@@ -133,6 +136,18 @@ class Mirror:
         fleet = FleetFills(redis, spec.secret, advertise, self.reactor, config.read_timeout)
         self.fills.fleet = fleet
         self.manifests.fleet_tags = FleetTags(redis)
+        s3 = config.storage.s3
+        if self.bucket is not None and (s3.max_size or s3.max_age):
+            self.bucket.use = BucketUse(redis, time.time)
+            self.bucket_bound = BucketBound(
+                self.bucket.use,
+                Leases(redis),
+                self.bucket.remove_blob,
+                s3.max_size,
+                s3.max_age,
+                advertise,
+                self.reactor,
+            )
         return fleet
 
     def _make_bucket(self, config: Config) -> Bucket | None:
@@ -255,6 +270,8 @@ class Mirror:
         stopped = self.cache.stop() if self.cache else defer.succeed(None)
         written = self.storage.settled() if self.storage else defer.succeed(None)  # small files, in the disk pool
         shared = self.bucket.stop() if self.bucket else defer.succeed(None)
+        if self.bucket_bound:
+            self.bucket_bound.stop()
         if self.fleet:
             shared = defer.gatherResults([shared, defer.ensureDeferred(self.fleet.close())])
         closed = defer.gatherResults([self.pool.closeCachedConnections(), stopped, written, shared])
@@ -274,4 +291,6 @@ class Mirror:
             self.bucket_started = defer.ensureDeferred(self.bucket.start())
         if prefetch:
             self.prefetcher.start()
+        if self.bucket_bound:
+            self.bucket_bound.start()
         return removed

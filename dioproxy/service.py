@@ -25,8 +25,9 @@ from dioproxy.workers import SharedPort, Workers, worker_count
 
 log = Logger()
 
-#: On stop, how long the requests under way have to finish once the port is closed.
-DRAIN_TIMEOUT = 30.0
+#: On stop, how long the requests under way have to finish once the port is closed (under the unit's 30 s
+#: TimeoutStopSec, so systemd never kills a drain that is about to end).
+DRAIN_TIMEOUT = 25.0
 
 
 class Options(usage.Options):

@@ -122,6 +122,16 @@ class RedisServer:
             process.kill()
             process.wait(5)
 
+    def flush(self) -> None:
+        """Forget every key (blocking: from a thread), for a test that counts what Redis holds."""
+        with socket.create_connection((self.host, self.port), timeout=5) as s:
+            if self.password:
+                s.sendall(f"AUTH {self.password}\r\n".encode())
+                s.recv(100)
+            s.sendall(b"FLUSHALL\r\n")
+            if not s.recv(100).startswith(b"+OK"):
+                raise RuntimeError("FLUSHALL refused")
+
     def pause(self) -> None:
         """SIGSTOP: the port stays open and accepts connections, but nothing answers (a stalled Redis)."""
         self.process.send_signal(signal.SIGSTOP)

@@ -12,15 +12,18 @@ import time
 
 import treq
 import yaml
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 
+from dioproxy.config import ConfigError, build_config
 from dioproxy.fill import HOLD_BACK
+from dioproxy.fleet import bucketuse
 from dioproxy.objectstore import StoreConfigError, blob_key, manifest_key
 from dioproxy.storage.bucket import record_key, tag_key
-from tests import seaweed
+from tests import redisserver, seaweed
 from tests.harness import Proxy, ProxyProcess, eventually, start_upstream
+from tests.seaweed import free_ports
 
 MB = 2**20
 
@@ -237,6 +240,10 @@ class RedirectTests(_TierTest):
             yield response.content()
             self.assertEqual(response.code, 307)
         self.assertEqual(heads, [])
+        first.mirror.bucket._mark_down()  # what a failed read does: a client is not sent to a store that fails
+        digest, data = next(iter(image.blobs.items()))
+        response = yield first.get(f"/v2/library/app/blobs/{digest}", allow_redirects=False)
+        self.assertEqual((response.code, (yield response.content()) == data), (200, True), "sent to a failing store")
         code, body = yield self.fetch(second, f"/v2/library/app/manifests/{image.tag}")
         self.assertEqual((code, sha(body)), (200, image.digest), "manifests stay with the mirror")
 
@@ -407,3 +414,60 @@ class NoEvictionBeforeUploadTests(_TierTest):
         yield eventually(
             lambda: sum(os.path.exists(proxy.blob_file(d)) for d in blobs) < 3, why="the bound did not evict"
         )
+
+
+class BucketBoundTests(_TierTest):
+    """``storage.s3.max_size`` / ``max_age`` with ``coordination``: the fleet's bound on the bucket."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        self.redis = yield redisserver.shared("bucket-bound")
+        yield threads.deferToThread(self.redis.flush)
+        self.patch(bucketuse, "PROTECT", 0.0)  # the blobs below were all used a moment ago
+
+    def bounded(self, **s3):
+        port = free_ports(1)[0]
+        coordination = {"redis": self.redis.url, "secret": "x" * 20, "advertise": f"http://127.0.0.1:{port}"}
+        return self.mirror(s3=s3, coordination=coordination)
+
+    @defer.inlineCallbacks
+    def test_the_least_recently_used_blobs_leave_a_bucket_over_its_bound(self):
+        proxy = self.bounded(max_size="5MB")
+        blobs = [os.urandom(2 * 10**6) for _ in range(3)]
+        digests = [self.fake.add_blob(b) for b in blobs]
+        for digest in digests:
+            yield self.fetch(proxy, f"/v2/library/app/blobs/{digest}")
+            yield proxy.mirror.bucket.idle()
+            yield defer.ensureDeferred(proxy.mirror.bucket_bound.use.flush())
+            yield task.deferLater(reactor, 1.1, lambda: None)  # last uses a second apart
+        self.assertEqual((yield defer.ensureDeferred(proxy.mirror.bucket_bound.use.total())), 6 * 10**6)
+        self.assertEqual((yield defer.ensureDeferred(proxy.mirror.bucket_bound.evict())), 1)
+        present = []
+        for digest in digests:
+            present.append((yield self.object(blob_key(digest))) is not None)
+        self.assertEqual(present, [False, True, True], "not the least recently used one left")
+        self.assertEqual((yield defer.ensureDeferred(proxy.mirror.bucket_bound.use.total())), 4 * 10**6)
+        self.assertEqual(
+            (yield defer.ensureDeferred(proxy.mirror.bucket_bound.evict())), 0, "under the bound: nothing more"
+        )
+        code, body = yield self.fetch(proxy, f"/v2/library/app/blobs/{digests[0]}")  # the hot tier still has it
+        self.assertEqual((code, body == blobs[0]), (200, True))
+
+    @defer.inlineCallbacks
+    def test_blobs_unused_for_max_age_leave_the_bucket(self):
+        proxy = self.bounded(max_age="1s")
+        data = os.urandom(1000)
+        digest = self.fake.add_blob(data)
+        yield self.fetch(proxy, f"/v2/library/app/blobs/{digest}")
+        yield proxy.mirror.bucket.idle()
+        yield defer.ensureDeferred(proxy.mirror.bucket_bound.use.flush())
+        self.assertEqual((yield defer.ensureDeferred(proxy.mirror.bucket_bound.evict())), 0, "used within max_age")
+        yield task.deferLater(reactor, 2.1, lambda: None)
+        self.assertEqual((yield defer.ensureDeferred(proxy.mirror.bucket_bound.evict())), 1)
+        self.assertIsNone((yield self.object(blob_key(digest))))
+
+    def test_a_bound_needs_coordination(self):
+        with self.assertRaises(ConfigError) as caught:
+            build_config({"storage": {"s3": self.s3_config(max_size="1GB")}}, [], self.mktemp())
+        self.assertIn("storage.s3.max_size: needs coordination.redis", str(caught.exception))

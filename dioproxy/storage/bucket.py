@@ -60,9 +60,10 @@ UPLOADS = 2
 RETRY_FIRST, RETRY_CAP = 1.0, 300.0
 #: An upload attempt's deadline: this long plus its size at this rate (slower is a store in trouble).
 ATTEMPT_BASE, ATTEMPT_RATE = 60.0, 2 * 2**20
-#: Blob sizes remembered from the store's answers, uploads and listings (most recent kept): a blob key names its
-#: bytes, and an object is only ever deleted as damaged (then forgotten here), so a remembered size stays true.
-KNOWN_BLOBS = 100_000
+#: Blob sizes remembered from the store's answers, uploads and listings (most recent kept), each for KNOWN_FOR
+#: seconds: a blob key names its bytes, and an object is deleted only as damaged (then forgotten here) or by the
+#: fleet's bound, which never removes a blob used within a longer time (dioproxy.fleet.bucketuse.PROTECT).
+KNOWN_BLOBS, KNOWN_FOR = 100_000, 300.0
 #: Largest manifest, tag entry or record read back (a damaged or hostile object must not fill memory).
 MAX_SMALL = 4 * 2**20 + 1024
 
@@ -99,7 +100,9 @@ class Bucket:
         self._stopped = False
         self._tags: dict[str, bytes] = {}  # tag key -> the entry to upload
         self._discarding: dict[str, defer.Deferred] = {}  # key of a damaged object -> its deletion
-        self._sizes: OrderedDict[str, int] = OrderedDict()  # digest -> size of blobs known to be in the bucket
+        self._sizes: OrderedDict[str, tuple[int, float]] = OrderedDict()  # digest -> (size, when learned)
+        #: ``storage.s3.max_size`` / ``max_age``: the fleet's record of the blobs' last uses.
+        self.use: Any = None
         #: Seconds before a failed reconcile (the store down at start) runs again.
         self.reconcile_retry = 10.0
         #: First wait before an upload is tried again (doubling up to RETRY_CAP).
@@ -159,9 +162,10 @@ class Bucket:
 
     async def blob_size(self, digest: str) -> int | None:
         """The size of the bucket's copy, None if absent or the store does not say; a known blob costs no request."""
-        if digest in self._sizes:
+        known = self._sizes.get(digest)
+        if known is not None and self.up() and self.reactor.seconds() - known[1] < KNOWN_FOR:
             self._sizes.move_to_end(digest)
-            return self._sizes[digest]
+            return known[0]
         info = await self._read(lambda: self.store.head(blob_key(digest)))
         if info is None:
             return None
@@ -169,10 +173,22 @@ class Bucket:
         return info.size
 
     def _known(self, digest: str, size: int) -> None:
-        self._sizes[digest] = size
+        self._sizes[digest] = (size, self.reactor.seconds())
         self._sizes.move_to_end(digest)
         if len(self._sizes) > KNOWN_BLOBS:
             self._sizes.popitem(last=False)
+        self.used(digest)
+
+    def used(self, digest: str) -> None:
+        """A blob was asked for: if the bucket holds it, the fleet's bound counts the use."""
+        known = self._sizes.get(digest)
+        if self.use is not None and known is not None:
+            self.use.touch(digest, known[0])
+
+    def remove_blob(self, digest: str) -> defer.Deferred:
+        """The fleet's bound takes an unused blob out of the bucket."""
+        self._sizes.pop(digest, None)
+        return self.store.delete(blob_key(digest))
 
     def read_blob_into(
         self, digest: str, start: int, sink: Callable[[memoryview], None], stopped: Callable[[], bool], size: int
