@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,13 +336,28 @@ def verify_oci_layout(directory: Path) -> tuple[str, set[str]]:
 
 
 class Nginx:
-    """nginx (``nginx-light``) in front of the proxy with the documented site config, own prefix and pid file."""
+    """nginx (``nginx-light``) in front of the proxy with the documented site config, own prefix and pid file.
 
-    def __init__(self, proxy: str, cache_dir: str | None = None) -> None:
+    ``proxy`` is one address, or several: an ``upstream`` block that nginx goes round (replicas behind one
+    balancer). ``limit_rate`` (e.g. ``8m`` bytes a second) makes it a slow link for each response."""
+
+    def __init__(self, proxy: str | Sequence[str], cache_dir: str | None = None, limit_rate: str | None = None) -> None:
         self.base = state_dir("nginx", ("/usr/sbin/nginx",))
         self.port = free_port()
         site = self.base / "site.conf"
-        site.write_text(snippets.nginx_site_conf(f"127.0.0.1:{self.port}", "localhost", proxy, cache_dir))
+        balanced = ""
+        if not isinstance(proxy, str):
+            servers = "".join(f"  server {address};\n" for address in proxy)
+            balanced, proxy = f"upstream dioproxy_replicas {{\n{servers}}}\n", "dioproxy_replicas"
+        if limit_rate:  # not the documented site: nginx rate-limits only the responses it buffers
+            site.write_text(
+                f"server {{\n  listen 127.0.0.1:{self.port};\n  location / {{\n    proxy_pass http://{proxy};\n"
+                f"    proxy_set_header Host $http_host;\n    limit_rate {limit_rate};\n  }}\n}}\n"
+            )
+        else:
+            site.write_text(
+                balanced + snippets.nginx_site_conf(f"127.0.0.1:{self.port}", "localhost", proxy, cache_dir)
+            )
         logs = log_dir()
         self.access_log = logs / f"nginx-access-{self.port}.log"
         conf = self.base / "nginx.conf"
