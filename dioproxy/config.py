@@ -229,7 +229,7 @@ _TOP_KEYS = {
     "storage",
     "coordination",
 }
-_COORDINATION_KEYS = {"redis", "secret", "advertise"}
+_COORDINATION_KEYS = {"redis", "secret", "secret_file", "advertise"}
 _CACHE_KEYS = {"dir", "tag_ttl", "enabled", "max_size", "max_age", "accel_redirect", "negative_ttl"}
 _UPSTREAM_KEYS = {"url", "username", "password", "redirect_hosts"}
 _TIMEOUT_KEYS = {"connect", "read", "offline", "client"}
@@ -390,6 +390,10 @@ def _coordination(value: Any, storage: Any) -> Coordination | None:
     except ValueError as e:
         raise ConfigError(f"coordination.redis: {e}") from None
     secret = spec.get("secret")
+    if spec.get("secret_file") is not None:
+        if secret is not None:
+            raise ConfigError("coordination.secret: give secret or secret_file, not both")
+        secret = _first_line(spec["secret_file"], "coordination.secret_file")
     if not isinstance(secret, str) or len(secret) < 16:
         raise ConfigError("coordination.secret: expected a shared random string of at least 16 characters")
     advertise = spec.get("advertise")
@@ -445,20 +449,25 @@ def _secret(spec: dict, name: str, from_env: str | None) -> str | None:
     if value is not None and path is not None:
         raise ConfigError(f"{key}: give {name} or {name}_file, not both")
     if path is not None:
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"{key}_file: expected a path, got {path!r}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                value = f.readline().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{key}_file: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-        if not value:
-            raise ConfigError(f"{key}_file: {path} is empty")
-        return value
+        return _first_line(path, f"{key}_file")
     if value is None:
         return from_env or None
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: expected a non-empty string")
+    return value
+
+
+def _first_line(path: Any, key: str) -> str:
+    """The first line of the file ``path`` (a secret kept out of the config file)."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{key}: expected a path, got {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not value:
+        raise ConfigError(f"{key}: {path} is empty")
     return value
 
 

@@ -292,3 +292,34 @@ class DocumentedConfigTests(unittest.TestCase):
         self.assertEqual(config.security.access["docker.io"].deny, ("myorg/secret-*",))
         self.assertEqual(config.accel_redirect, "/_dioproxy/blobs/")
         self.assertEqual((config.storage.s3.bucket, config.storage.s3.prefix), ("dioproxy", "mirror/"))
+
+
+class CoordinationConfigTests(unittest.TestCase):
+    def coordination(self, **spec):
+        return build_config({"coordination": spec}, environ={}).coordination
+
+    def test_values(self):
+        c = self.coordination(redis="redis://r:6379/1", secret="s" * 16, advertise="http://10.0.0.5:8004/")
+        self.assertEqual((c.redis, c.secret, c.advertise), ("redis://r:6379/1", "s" * 16, "http://10.0.0.5:8004"))
+        self.assertNotIn("s" * 16, repr(c))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("from-a-file-0123456789\nignored\n")
+        self.assertEqual(self.coordination(redis="redis://r", secret_file=path).secret, "from-a-file-0123456789")
+        self.assertIsNone(build_config(environ={}).coordination)
+
+    def test_errors_name_the_key(self):
+        cases = [
+            ({"secret": "s" * 16}, "coordination.redis"),
+            ({"redis": "http://r", "secret": "s" * 16}, "coordination.redis"),
+            ({"redis": "redis://r", "secret": "short"}, "coordination.secret"),
+            ({"redis": "redis://r"}, "coordination.secret"),
+            ({"redis": "redis://r", "secret": "s" * 16, "secret_file": "f"}, "coordination.secret: give"),
+            ({"redis": "redis://r", "secret_file": "/nonexistent"}, "coordination.secret_file"),
+            ({"redis": "redis://r", "secret": "s" * 16, "advertise": "10.0.0.5:8004"}, "coordination.advertise"),
+            ({"redis": "redis://r", "secret": "s" * 16, "peers": []}, "coordination.peers"),
+        ]
+        for spec, key in cases:
+            with self.assertRaises(ConfigError, msg=spec) as caught:
+                self.coordination(**spec)
+            self.assertIn(key, str(caught.exception), spec)
