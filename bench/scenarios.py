@@ -67,7 +67,9 @@ def attempt(stage: Stage, server: Server, what: str, measure: Callable[[], float
         return f"{server.name} not running: {stage.down[server.name]}"
     profiling: contextlib.AbstractContextManager = contextlib.nullcontext()
     if stage.profile_dir is not None and isinstance(server, DioProxy) and profile:
-        profiling = Profiler(server.pid, stage.profile_dir / f"{slug(what)}.raw")
+        # Named after the server too when there are several dioproxies (the shared tier's, 1 and 2 workers).
+        name = what if server.name == DioProxy.name else f"{server.name} {what}"
+        profiling = Profiler(server.pid, stage.profile_dir / f"{slug(name)}.raw")
     try:
         with profiling:
             value = measure()

@@ -229,13 +229,13 @@ def _to_disk(
 ) -> Callable[[], float]:
     """``count`` concurrent curls of the cold ``blob``, each into its own file: the wall time; errors if a file is
     not the blob or the upstream sent it other than once (GETs without the bytes, 401s, are added to
-    ``challenges``). For a crowd, how its requests spread over the workers goes to ``spread``."""
+    ``challenges``). For a crowd, how its requests spread over the workers and its curls' times go to ``spread``."""
 
     def run() -> float:
         into.mkdir()
         try:
             mark = stage.upstream.log_offset()
-            wall, _, _ = clients.curl_streams(mirror.url + blob.url_path(), count, into=into)
+            wall, _, times = clients.curl_streams(mirror.url + blob.url_path(), count, into=into)
             for i in range(count):
                 _same_file(into / f"stream-{i}", blob)
             time.sleep(0.5)  # the registry writes its access-log line after the response
@@ -243,8 +243,8 @@ def _to_disk(
             if gets != 1:
                 raise RuntimeError(f"{gets} upstream GETs sent the blob for {count} clients, not 1")
             challenges[0] += others
-            if count > 1:
-                spread.append(_served_by(mirror, blob))
+            if count > 1:  # per worker, and the fastest and slowest curl's own time: a stall shows here
+                spread.append(f"{_served_by(mirror, blob)} ({min(times):.2f}-{max(times):.2f} s)")
             return wall
         finally:
             shutil.rmtree(into, ignore_errors=True)
@@ -280,8 +280,9 @@ def _cold(stage: Stage, pair: _Mirrors) -> list[Row]:
         f"each, {plan.link_rate / MB:.0f} MB/s far link per mirror; every file checked against the digest, every "
         f"download one upstream GET that sent the blob (besides, GETs answered 401, a worker's first ask before it "
         f"had a token: 1 worker {challenges[1][0]}, 2 workers {challenges[2][0]}). {crowd} clients / one client "
-        f"per round: 1 worker {per_round[1]}; 2 workers {per_round[2]}. The {crowd} requests per worker of "
-        f"--workers 2, each round: {', '.join(spread[2]) or '-'}."
+        f"per round: 1 worker {per_round[1]}; 2 workers {per_round[2]}. The {crowd} requests per worker (and "
+        f"their curls' times) each round: 1 worker {', '.join(spread[1]) or '-'}; --workers 2 "
+        f"{', '.join(spread[2]) or '-'}."
     )
     size = f"{plan.cold_blob / MB:.0f} MB"
     rows = [
