@@ -100,20 +100,32 @@ _CURL_FORMAT = "%{http_code} %{size_download} %{time_total}\\n"
 
 
 def curl_streams(
-    url: str, streams: int, timeout: float = 300, redirected: bool = False, output: Path | None = None
+    url: str,
+    streams: int,
+    timeout: float = 300,
+    redirected: bool = False,
+    output: Path | None = None,
+    into: Path | None = None,
 ) -> tuple[float, int, list[float]]:
     """``streams`` concurrent curls to /dev/null, all of which must answer 200.
 
     Returns the wall time until the last one ended, the bytes of all, and each curl's own ``time_total`` (which,
     unlike the wall time, excludes starting the curl process: that matters for a single stream of a fast server).
     ``redirected``: ``curl -L``, and the first answer must have been a redirect (its round trip is in the times).
-    ``output``: a file to write instead of /dev/null (one stream).
+    ``output``: a file to write instead of /dev/null (one stream). ``into``: a directory where stream ``i``
+    writes the file ``stream-i`` (a client that keeps what it pulls pays for the disk writes too).
     """
     argv = [shutil.which("curl") or "/usr/bin/curl", "-s", *(["-L"] if redirected else [])]
-    argv += ["-o", str(output or "/dev/null")]
     argv += ["-w", _CURL_FORMAT.replace("\\n", " %{num_redirects}\\n"), url]
+
+    def target(i: int) -> str:
+        return str(into / f"stream-{i}") if into is not None else str(output or "/dev/null")
+
     started = time.monotonic()
-    processes = [_popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(streams)]
+    processes = [
+        _popen([*argv, "-o", target(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(streams)
+    ]
     total, times, failures = 0, [], []
     for process in processes:
         out, err = _finish(process, timeout)

@@ -39,6 +39,8 @@ class Plan:
     #: Scenario 6 (the shared tier): one fresh blob of this size per round, each uploaded, read and redirected.
     tier_blob: int = 256 * MB
     tier_rounds: int = 5
+    #: Scenario 7 (``--workers 2`` against 1): rounds of the cold to-disk rows, two fresh blobs per mirror each.
+    worker_rounds: int = 3
 
     @property
     def link_floor(self) -> float:
@@ -61,4 +63,5 @@ QUICK = Plan(
     rounds=1,
     tier_blob=8 * MB,
     tier_rounds=1,
+    worker_rounds=1,
 )

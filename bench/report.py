@@ -2,7 +2,8 @@
 
 A cell is a number, an error message (the measurement failed; the rest of the run goes on) or ``None`` (does not
 apply: nginx has no cold upstream). The fourth column, the bucket read or written directly with curl, is the anchor
-of the shared-tier rows (scenario 6) only. Ratios and verdicts are computed where the row is made, by the scenario that
+of the shared-tier rows (scenario 6) only; the fifth, dioproxy with one worker, that of the ``--workers 2`` rows
+(scenario 7). Ratios and verdicts are computed where the row is made, by the scenario that
 knows which way is better; this module only formats.
 """
 
@@ -20,8 +21,8 @@ Cell = Union[float, str, None]
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
 
-SERVERS = ("dioproxy", "CNCF registry proxy", "nginx", "bucket, curl")
-COLORS = ("#2b7bba", "#e07b39", "#7a9a3a", "#8e6bb0")
+SERVERS = ("dioproxy", "CNCF registry proxy", "nginx", "bucket, curl", "dioproxy, 1 worker")
+COLORS = ("#2b7bba", "#e07b39", "#7a9a3a", "#8e6bb0", "#7fb2d9")
 
 
 @dataclass
@@ -42,9 +43,11 @@ class Row:
     #: The S3 bucket itself, by curl of a presigned URL (scenario 6's anchor; last, so rows built by position keep
     #: their meaning).
     bucket: Cell = None
+    #: dioproxy with one worker (scenario 7's anchor; the row's ``ours`` is then ``--workers 2``).
+    single: Cell = None
 
-    def cells(self) -> tuple[Cell, Cell, Cell, Cell]:
-        return (self.ours, self.cncf, self.nginx, self.bucket)
+    def cells(self) -> tuple[Cell, Cell, Cell, Cell, Cell]:
+        return (self.ours, self.cncf, self.nginx, self.bucket, self.single)
 
     @property
     def errors(self) -> list[str]:
@@ -80,8 +83,9 @@ def ratio(ours: Cell, anchor: Cell) -> float | None:
 
 def markdown(rows: Sequence[Row]) -> str:
     lines = [
-        "| # | scenario | dioproxy | CNCF registry proxy | nginx | bucket, curl | ratio | target | met? |",
-        "|---|---|---:|---:|---:|---:|---|---|---|",
+        "| # | scenario | dioproxy | CNCF registry proxy | nginx | bucket, curl | dioproxy, 1 worker | ratio | target "
+        "| met? |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for row in rows:
         cells = " | ".join(cell_text(c, row.unit) for c in row.cells())
@@ -129,7 +133,7 @@ def chart(rows: Sequence[Row], path: Path, subtitle: str) -> None:
         for name, cell, color in zip(SERVERS, row.cells(), COLORS):
             if cell is None:
                 continue
-            names.append(name.replace(" registry proxy", "\nproxy"))
+            names.append(name.replace(" registry proxy", "\nproxy").replace(", ", "\n"))
             values.append(cell if isinstance(cell, (int, float)) else 0.0)
             colors.append(color)
         bars = ax.bar(names, values, color=colors)
@@ -145,7 +149,7 @@ def chart(rows: Sequence[Row], path: Path, subtitle: str) -> None:
         ax.set_ylabel(row.unit, fontsize=8)
         ax.tick_params(labelsize=8)
         ax.margins(y=0.18)
-    figure.suptitle(f"dioproxy vs CNCF registry proxy vs nginx vs the bucket — {subtitle}", fontsize=11)
+    figure.suptitle(f"dioproxy vs CNCF registry proxy vs nginx vs the bucket vs one worker — {subtitle}", fontsize=11)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)

@@ -1,5 +1,5 @@
-"""The five scenarios of issue 4 and the shared tier's of issue 10 (:mod:`bench.tier`); each returns table rows
-and never raises for a failed measurement.
+"""The five scenarios of issue 4, the shared tier's of issue 10 (:mod:`bench.tier`) and ``--workers``' of issue 11
+(:mod:`bench.workers`); each returns table rows and never raises for a failed measurement.
 
 Every number comes from a client in its own process (:mod:`bench.clients`) or from ``/proc`` and the upstream's
 access log, never from a server's own account. Each measurement is wrapped by :func:`attempt`: a failure becomes the
@@ -67,7 +67,9 @@ def attempt(stage: Stage, server: Server, what: str, measure: Callable[[], float
         return f"{server.name} not running: {stage.down[server.name]}"
     profiling: contextlib.AbstractContextManager = contextlib.nullcontext()
     if stage.profile_dir is not None and isinstance(server, DioProxy) and profile:
-        profiling = Profiler(server.pid, stage.profile_dir / f"{slug(what)}.raw")
+        # Named after the server too when there are several dioproxies (the shared tier's, 1 and 2 workers).
+        name = what if server.name == DioProxy.name else f"{server.name} {what}"
+        profiling = Profiler(server.pid, stage.profile_dir / f"{slug(name)}.raw")
     try:
         with profiling:
             value = measure()
@@ -472,13 +474,24 @@ def shared_tier(stage: Stage) -> list[Row]:
     return run(stage)
 
 
+# -- 7 -------------------------------------------------------------------------------------------------------------
+
+
+def workers(stage: Stage) -> list[Row]:
+    """``--workers 2`` against one worker: see :mod:`bench.workers` (which builds on this module)."""
+    from .workers import workers as run
+
+    return run(stage)
+
+
 #: In the order they run: memory last, because the CNCF proxy may go on downloading for readers that have left;
-#: the shared tier before it, its store and mirrors stopped when it ends.
+#: the shared tier and the workers before it, their mirrors stopped when they end.
 SCENARIOS: dict[str, Callable[[Stage], list[Row]]] = {
     "1": cached_manifest,
     "2": warm_blob,
     "3": cold_blob,
     "5": image_pulls,
     "6": shared_tier,
+    "7": workers,
     "4": memory,
 }

@@ -181,3 +181,15 @@ class Upstream:
             for request in self.registry.requests()[since:]
             if request.method == "GET" and request.kind == "blob" and (digest is None or digest in request.uri)
         )
+
+    def blob_downloads(self, since: int, digest: str) -> tuple[int, int]:
+        """(GETs of ``digest`` that sent its bytes, 2xx; the others, e.g. a 401 challenge to a worker without a token
+        yet) logged after ``since``."""
+        assert self.registry is not None
+        statuses = [
+            request.status
+            for request in self.registry.requests()[since:]
+            if request.method == "GET" and request.kind == "blob" and digest in request.uri
+        ]
+        served = sum(1 for status in statuses if 200 <= status < 300)
+        return served, len(statuses) - served

@@ -45,6 +45,13 @@ ROWS = [
     r"\| 6 \| shared tier: \d+ MB blob by redirect, curl -L",
     r"\| 6 \| shared tier: upload of a \d+ MB blob to the bucket",
     r"\| 6 \| shared tier: peak RSS of each mirror",
+    # --workers 2 against one worker (issue 11): an error cell in a cold row also means a file that is not the blob,
+    # or a blob the upstream sent other than once for the 16 clients (the single fill across workers broke).
+    r"\| 7 \| --workers 2: cached tag manifest",
+    r"\| 7 \| --workers 2: warm \d+ MB blob, 8 streams",
+    r"\| 7 \| cold \d+ MB blob, 1 curl writing to disk: total",
+    r"\| 7 \| cold \d+ MB blob, 16 curls writing to disk, 1 worker: total",
+    r"\| 7 \| cold \d+ MB blob, 16 curls writing to disk, --workers 2: total",
 ]
 
 
@@ -116,3 +123,28 @@ class FetchTimingTests(unittest.TestCase):
         self.assertEqual((result["status"], result["bytes"], result["digest_ok"]), (200, len(body), True))
         self.assertLess(result["ttfb"], pause / 2)
         self.assertGreaterEqual(result["total"], pause * 0.9)
+
+
+class WorkersRowTests(unittest.TestCase):
+    """Scenario 7's verdicts that no timing decides."""
+
+    def test_a_failed_round_fails_the_row(self) -> None:
+        """A round with a wrong upstream GET count is not outvoted by the rounds that got 1."""
+        from bench.workers import _strict
+
+        self.assertEqual(_strict([2.0, "2 upstream GETs sent the blob for 16 clients, not 1", 3.0])[:2], "2 ")
+        self.assertEqual(_strict([2.0, 4.0, 3.0]), 3.0)
+
+    def test_a_file_that_is_not_the_blob_is_an_error(self) -> None:
+        from bench.upstream import BlobFile
+        from bench.workers import _same_file
+
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        body = os.urandom(100_000)
+        blob = BlobFile(directory / "blob", "sha256:" + hashlib.sha256(body).hexdigest(), len(body))
+        (directory / "good").write_bytes(body)
+        (directory / "short").write_bytes(body[:-1])
+        _same_file(directory / "good", blob)
+        with self.assertRaisesRegex(RuntimeError, "99999 bytes that are not the blob"):
+            _same_file(directory / "short", blob)
