@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 
 from dioproxy.storage.disk import DiskStorage
 
-log = Logger()
+log = Logger(namespace="dioproxy.workers")  # also when this module runs as a worker's __main__
 
 #: Pause before a dead worker is started again: the first, the most, and how long a worker must live for its
 #: successor to start at once.
@@ -132,10 +132,17 @@ class Workers(service.Service):
             self._previous_hup = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.hup))
 
     def spawn(self, index: int) -> None:
+        """Start worker ``index``. Its log goes straight to our stdout when we have one (systemd's journal, a
+        terminal, a file): relaying each line through our logger cost this process up to a third of a core under
+        load. Only a daemon whose stdout is /dev/null (``twistd --logfile``) relays them."""
         worker = _Worker(self, index)
         args = [sys.executable, "-m", "dioproxy.workers", "--index", str(index), "--run-dir", self.run_dir]
+        direct = not _is_devnull(1)
+        if direct:
+            args.append("--log-direct")
         args += ["--", *self.plugin_args]
-        self.reactor.spawnProcess(worker, sys.executable, args, env=os.environ, childFDs={0: "w", 1: "r", 2: "r"})
+        fds = {0: "w", 1: 1, 2: 2} if direct else {0: "w", 1: "r", 2: "r"}
+        self.reactor.spawnProcess(worker, sys.executable, args, env=os.environ, childFDs=fds)
         self.workers[index] = worker
 
     def hup(self) -> None:
@@ -220,6 +227,28 @@ class SharedPort(service.Service):
         return self.port.stopListening() if self.port is not None else None
 
 
+def _is_devnull(fd: int) -> bool:
+    try:
+        here, null = os.fstat(fd), os.stat(os.devnull)
+    except OSError:
+        return True
+    return (here.st_dev, here.st_ino) == (null.st_dev, null.st_ino)
+
+
+def _log_to(out: Any, index: int, timestamps: bool) -> None:
+    """Log lines marked ``[worker I]``, timestamped here when they go straight to the supervisor's stdout."""
+    from twisted.logger import FileLogObserver, formatEvent, formatTime, globalLogBeginner
+
+    def line(event: dict) -> str:
+        stamp = formatTime(event.get("log_time")) + " " if timestamps else ""
+        level = event.get("log_level")
+        where = f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"
+        text = formatEvent(event).replace("\n", "\n\t")
+        return f"{stamp}[worker {index}] [{where}] {text}\n"
+
+    globalLogBeginner.beginLoggingTo([FileLogObserver(out, line)], redirectStandardIO=False)
+
+
 def _die_with_parent() -> None:
     """Linux: SIGTERM when the supervisor goes, however it goes (a killed supervisor leaves no orphans serving)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -231,24 +260,39 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dioproxy.workers", description="one worker of --workers N")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--run-dir", help="the workers' private directory (metrics sockets, offline windows)")
+    parser.add_argument("--log-direct", action="store_true", help="stdout is the supervisor's own, not a pipe")
     parser.add_argument("plugin_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     plugin_args = args.plugin_args[1:] if args.plugin_args[:1] == ["--"] else args.plugin_args
     _die_with_parent()
 
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from dioproxy.service import Options, make_worker
 
-    sys.stdout.reconfigure(line_buffering=True)  # a pipe to the supervisor: each line as it is written
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout, timeFormat="")], redirectStandardIO=False)
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it is written, whoever reads it
+    _log_to(sys.stdout, args.index, timestamps=args.log_direct)
     options = Options()
     options.parseOptions(plugin_args)
     top = make_worker(options, args.index, reactor, args.run_dir)
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.callWhenRunning(_stop_once_on_sigterm, reactor)
     reactor.run()
+
+
+def _stop_once_on_sigterm(reactor: Any) -> None:
+    """systemd signals the whole cgroup and the supervisor passes SIGTERM on too: the second one is no news
+    (Twisted's own handler would stop a stopping reactor and log a traceback)."""
+    stopping = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not stopping:
+            stopping.append(signum)
+            log.info("Received SIGTERM, shutting down.")
+            reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

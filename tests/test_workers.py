@@ -120,12 +120,17 @@ class WorkersTests(unittest.TestCase):
         self.fake.slow(8 * MB)  # about a second
         pending = self.fetch()
         yield eventually(self.owner_pid, why="the download started")
+        with open(f"/proc/{self.proxy.pid}/task/{self.proxy.pid}/children") as f:
+            workers = [int(pid) for pid in f.read().split()]
         self.proxy.process.send_signal(signal.SIGTERM)
+        for pid in workers:  # as systemd does: the whole cgroup gets it too
+            os.kill(pid, signal.SIGTERM)
         code, body = yield pending
         self.assertEqual((code, sha(body)), (200, self.digest))
         yield eventually(lambda: self.proxy.process.poll() is not None, timeout=40, why="the supervisor exited")
         self.assertIn(self.proxy.process.returncode, (0, -signal.SIGTERM))  # twist ends as its signal says
         self.assertEqual(len(re.findall(r"\[worker \d\].*Received SIGTERM", self.log())), 2)
+        self.assertNotIn("Traceback", self.log())
 
     @defer.inlineCallbacks
     def scrape(self):
