@@ -240,6 +240,7 @@ class RedirectTests(_TierTest):
             yield response.content()
             self.assertEqual(response.code, 307)
         self.assertEqual(heads, [])
+        yield eventually(lambda: first.mirror.bucket.reconciled, why="the first reconcile")  # it ends a down time
         first.mirror.bucket._mark_down()  # what a failed read does: a client is not sent to a store that fails
         digest, data = next(iter(image.blobs.items()))
         response = yield first.get(f"/v2/library/app/blobs/{digest}", allow_redirects=False)
@@ -434,6 +435,7 @@ class BucketBoundTests(_TierTest):
     @defer.inlineCallbacks
     def test_the_least_recently_used_blobs_leave_a_bucket_over_its_bound(self):
         proxy = self.bounded(max_size="5MB")
+        yield eventually(lambda: proxy.mirror.bucket.reconciled, why="the first reconcile")
         blobs = [os.urandom(2 * 10**6) for _ in range(3)]
         digests = [self.fake.add_blob(b) for b in blobs]
         for digest in digests:
@@ -466,6 +468,27 @@ class BucketBoundTests(_TierTest):
         yield task.deferLater(reactor, 2.1, lambda: None)
         self.assertEqual((yield defer.ensureDeferred(proxy.mirror.bucket_bound.evict())), 1)
         self.assertIsNone((yield self.object(blob_key(digest))))
+
+    @defer.inlineCallbacks
+    def test_a_listing_counts_blobs_the_fleet_forgot_without_refreshing_known_ones(self):
+        first = self.bounded(max_size="1GB")
+        yield eventually(lambda: first.mirror.bucket.reconciled, why="the first reconcile")
+        kept, forgotten = os.urandom(1000), os.urandom(3000)
+        for data in (kept, forgotten):
+            yield self.fetch(first, f"/v2/library/app/blobs/{self.fake.add_blob(data)}")
+        yield first.mirror.bucket.idle()
+        use = first.mirror.bucket_bound.use
+        yield defer.ensureDeferred(use.flush())
+        used = dict((yield defer.ensureDeferred(use.oldest(10, time.time() + 1))))
+        yield defer.ensureDeferred(use.forget(sha(forgotten)))  # as after a Redis restart, for this one
+        self.assertEqual((yield defer.ensureDeferred(use.total())), 1000)
+        yield task.deferLater(reactor, 1.1, lambda: None)
+        yield first.mirror.bucket.reconcile()
+        yield defer.ensureDeferred(use.flush())
+        self.assertEqual((yield defer.ensureDeferred(use.total())), 4000, "the forgotten blob is counted again")
+        again = dict((yield defer.ensureDeferred(use.oldest(10, time.time() + 1))))
+        self.assertEqual(again[sha(kept)], used[sha(kept)], "a listing is not a use")
+        self.assertGreater(again[sha(forgotten)], used[sha(forgotten)])
 
     def test_a_bound_needs_coordination(self):
         with self.assertRaises(ConfigError) as caught:

@@ -28,13 +28,14 @@ PROTECT = 600.0
 
 _USED, _SIZES, _TOTAL = f"{PREFIX}bucket:used", f"{PREFIX}bucket:sizes", f"{PREFIX}bucket:total"
 
-# ARGV: now, then digest, size pairs. A blob counts in the total once, whoever reports it first.
+# ARGV: now, GT (a use: later wins) or NX (only seen in a listing: counted from now if not known), then digest,
+# size pairs. A blob counts in the total once, whoever reports it first.
 _TOUCH = """
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
     redis.call('INCRBY', KEYS[3], ARGV[i + 1])
   end
-  redis.call('ZADD', KEYS[1], 'GT', ARGV[1], ARGV[i])
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1], ARGV[i])
 end
 return 1
 """
@@ -56,24 +57,29 @@ class BucketUse:
     def __init__(self, redis: Redis, clock: Callable[[], float]) -> None:
         self.redis = redis
         self.clock = clock
-        self._touched: dict[str, int] = {}
+        self._pending: dict[str, dict[str, int]] = {"GT": {}, "NX": {}}
 
     def touch(self, digest: str, size: int) -> None:
         """A blob the bucket holds was used (sent, uploaded): counted at the next flush."""
-        self._touched[digest] = size
+        self._pending["GT"][digest] = size
+
+    def seen(self, digest: str, size: int) -> None:
+        """A blob the bucket holds turned up in a listing: counted (as used now) only if the fleet did not know it."""
+        self._pending["NX"][digest] = size
 
     async def flush(self) -> None:
-        touched, self._touched = self._touched, {}
-        if not touched:
-            return
-        args: list[Any] = [int(self.clock())]
-        for digest, size in touched.items():
-            args += [digest, size]
-        try:
-            await self.redis.eval(_TOUCH, [_USED, _SIZES, _TOTAL], args)
-        except FleetUnavailable:
-            for digest, size in touched.items():  # kept for the next flush (newer touches win)
-                self._touched.setdefault(digest, size)
+        for mode in ("GT", "NX"):
+            batch, self._pending[mode] = self._pending[mode], {}
+            if not batch:
+                continue
+            args: list[Any] = [f"{self.clock():.3f}", mode]
+            for digest, size in batch.items():
+                args += [digest, size]
+            try:
+                await self.redis.eval(_TOUCH, [_USED, _SIZES, _TOTAL], args)
+            except FleetUnavailable:
+                for digest, size in batch.items():  # kept for the next flush (newer entries win)
+                    self._pending[mode].setdefault(digest, size)
 
     async def total(self) -> int:
         return int(await self.redis.call("GET", _TOTAL) or 0)

@@ -172,12 +172,17 @@ class Bucket:
         self._known(digest, info.size)
         return info.size
 
-    def _known(self, digest: str, size: int) -> None:
+    def _known(self, digest: str, size: int, use: bool = True) -> None:
+        """Remember that the bucket holds ``digest``; ``use``: a client's request or our upload brought it up, not a
+        listing (which only makes a blob the fleet's bound did not know of countable)."""
         self._sizes[digest] = (size, self.reactor.seconds())
         self._sizes.move_to_end(digest)
         if len(self._sizes) > KNOWN_BLOBS:
             self._sizes.popitem(last=False)
-        self.used(digest)
+        if use:
+            self.used(digest)
+        elif self.use is not None:
+            self.use.seen(digest, size)
 
     def used(self, digest: str) -> None:
         """A blob was asked for: if the bucket holds it, the fleet's bound counts the use."""
@@ -450,7 +455,7 @@ class Bucket:
                 if kind == BLOB:
                     for digest in digests:
                         if blob_key(digest) in there:
-                            self._known(digest, there[blob_key(digest)])
+                            self._known(digest, there[blob_key(digest)], use=False)
                 for digest in digests:
                     key = blob_key(digest) if kind == BLOB else manifest_key(digest)
                     if key not in there:
