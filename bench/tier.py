@@ -41,16 +41,7 @@ UPLOAD_DEADLINE = 300.0
 
 
 def _config(path: Path, store: Seaweed, redirect: bool) -> Path:
-    weed = store.weed
-    s3 = {
-        "endpoint": weed.endpoint,
-        "bucket": weed.bucket,
-        "region": weed.region,
-        "prefix": PREFIX,
-        "access_key": weed.access_key,
-        "secret_key": weed.secret_key,
-        "redirect": redirect,
-    }
+    s3 = store.weed.s3_settings(PREFIX, redirect=redirect)
     path.write_text(yaml.safe_dump({"storage": {"s3": s3}}))
     return path
 

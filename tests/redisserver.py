@@ -18,15 +18,17 @@ import time
 
 from twisted.internet import defer
 
-from tests.daemons import log_tail, shared_instance
+from tests.daemons import LocalDaemon, shared_instance
 from tests.seaweed import free_ports
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 START_DEADLINE = 10.0
 
 
-class RedisServer:
+class RedisServer(LocalDaemon):
     """One ``redis-server`` process on ``port`` (its log in ``base_dir``); ``url`` is what a client is given."""
+
+    start_deadline = START_DEADLINE
 
     def __init__(self, base_dir: str, password: str | None = None) -> None:
         if not os.access(REDIS_SERVER, os.X_OK):
@@ -61,19 +63,6 @@ class RedisServer:
             self.base_dir,
             *(["--requirepass", self.password] if self.password else []),
         ]
-
-    def start(self) -> None:
-        """Start ``redis-server`` and wait (at most START_DEADLINE) until it answers PING."""
-        assert self.process is None, "already running"
-        began = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=self.base_dir)
-        try:
-            self.wait_ready(began + START_DEADLINE)
-        except BaseException:
-            self.stop()
-            raise
-        self.started_in = time.monotonic() - began
 
     def wait_ready(self, deadline: float) -> None:
         last: Exception | None = None
@@ -138,9 +127,6 @@ class RedisServer:
 
     def resume(self) -> None:
         self.process.send_signal(signal.SIGCONT)
-
-    def log_tail(self, size: int = 3000) -> str:
-        return log_tail(self.log_path, size)
 
 
 _shared: dict[str, RedisServer] = {}

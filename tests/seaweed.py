@@ -24,7 +24,7 @@ from botocore.config import Config
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 
-from tests.daemons import log_tail, shared_instance
+from tests.daemons import LocalDaemon, shared_instance
 
 WEED = os.path.join(os.path.dirname(sys.executable), "weed")
 START_DEADLINE = 30.0
@@ -60,12 +60,14 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-class SeaweedFS:
+class SeaweedFS(LocalDaemon):
     """One ``weed mini`` process over ``base_dir`` (data, identity file and log live there), with ``bucket`` made.
 
     ``endpoint``, ``access_key``, ``secret_key``, ``bucket`` and ``region`` are what a client needs. ``stop`` and
     ``start`` again keep the data directory and the ports, so an outage test sees the same store come back.
     """
+
+    start_deadline = START_DEADLINE
 
     access_key = "dioproxy-test"
     secret_key = "dioproxy-test-secret-key"
@@ -107,6 +109,18 @@ class SeaweedFS:
         argv += [f"-s3.localSocket={os.path.join(self.base_dir, 's3.sock')}", f"-s3.config={self.identity_path}"]
         return argv
 
+    def s3_settings(self, prefix: str, **changes: object) -> dict[str, object]:
+        """The ``storage.s3`` keys of a mirror on this store, under ``prefix``."""
+        values: dict[str, object] = {
+            "endpoint": self.endpoint,
+            "bucket": self.bucket,
+            "region": self.region,
+            "prefix": prefix,
+            "access_key": self.access_key,
+            "secret_key": self.secret_key,
+        }
+        return {**values, **changes}
+
     def client(self, secret_key: str | None = None, timeout: float = 5.0):
         """A plain boto3 client for the test itself (setting up, looking behind the code under test)."""
         return boto3.client(
@@ -123,19 +137,6 @@ class SeaweedFS:
                 retries={"max_attempts": 1},
             ),
         )
-
-    def start(self) -> None:
-        """Start ``weed mini`` and wait (at most START_DEADLINE) until the bucket exists and answers."""
-        assert self.process is None, "already running"
-        began = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=self.base_dir)
-        try:
-            self.wait_ready(began + START_DEADLINE)
-        except BaseException:
-            self.stop()
-            raise
-        self.started_in = time.monotonic() - began
 
     def wait_ready(self, deadline: float) -> None:
         client = self.client(timeout=1.0)
@@ -198,9 +199,6 @@ class SeaweedFS:
             for sample in family.samples
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
         )
-
-    def log_tail(self, size: int = 3000) -> str:
-        return log_tail(self.log_path, size)
 
 
 _shared: dict[str, SeaweedFS] = {}

@@ -105,16 +105,7 @@ class _StoreTest(TestCase):
         self.prefix = f"t/{self.id().rsplit('.', 1)[-1]}/{time.time_ns()}/"
 
     def settings(self, **changes) -> S3Storage:
-        values = dict(
-            bucket=self.sw.bucket,
-            endpoint=self.sw.endpoint,
-            region=self.sw.region,
-            prefix=self.prefix,
-            access_key=self.sw.access_key,
-            secret_key=self.sw.secret_key,
-        )
-        values.update(changes)
-        return S3Storage(**values)
+        return S3Storage(**self.sw.s3_settings(changes.pop("prefix", self.prefix), **changes))
 
     def make_store(self, timeout: float = 10.0, **changes) -> ObjectStore:
         options = {k: changes.pop(k) for k in ("part_size", "page_size", "part_concurrency") if k in changes}

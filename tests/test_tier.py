@@ -49,16 +49,7 @@ class _TierTest(unittest.TestCase):
         self.fake = start_upstream(self)
 
     def s3_config(self, **changes):
-        values = dict(
-            endpoint=self.sw.endpoint,
-            bucket=self.sw.bucket,
-            region=self.sw.region,
-            prefix=self.prefix,
-            access_key=self.sw.access_key,
-            secret_key=self.sw.secret_key,
-        )
-        values.update(changes)
-        return values
+        return self.sw.s3_settings(changes.pop("prefix", self.prefix), **changes)
 
     def mirror(self, cache_dir=None, timeout=3, s3=None, **config):
         config.setdefault("timeouts", {"read": timeout})

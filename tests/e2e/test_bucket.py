@@ -106,19 +106,7 @@ class BucketTestCase(ClientTestCase):
 
     async def mirror(self, name: str, **s3: object) -> Proxy:
         """A real ``twistd dioproxy`` with an empty cache directory and ``storage.s3`` on this test's prefix."""
-        config = {
-            "storage": {
-                "s3": {
-                    "endpoint": self.store.endpoint,
-                    "bucket": self.store.bucket,
-                    "region": self.store.region,
-                    "prefix": self.prefix,
-                    "access_key": self.store.access_key,
-                    "secret_key": self.store.secret_key,
-                    **s3,
-                }
-            }
-        }
+        config = {"storage": {"s3": self.store.s3_settings(self.prefix, **s3)}}
         path = Path(self.mktemp()).absolute()
         path.write_text(yaml.safe_dump(config))
         proxy = Proxy(self.world, self.proxy_name("." + name))

@@ -60,16 +60,7 @@ class FleetTestCase(BucketTestCase):
             proxy = Proxy(self.world, self.proxy_name("." + name))
             config = {
                 "coordination": {"redis": self.redis.url, "secret": SECRET, "advertise": f"http://{proxy.address}"},
-                "storage": {
-                    "s3": {
-                        "endpoint": self.store.endpoint,
-                        "bucket": self.store.bucket,
-                        "region": self.store.region,
-                        "prefix": self.prefix,
-                        "access_key": self.store.access_key,
-                        "secret_key": self.store.secret_key,
-                    }
-                },
+                "storage": {"s3": self.store.s3_settings(self.prefix)},
             }
             path = Path(self.mktemp()).absolute()
             path.write_text(yaml.safe_dump(config))
