@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import signal
 import subprocess
 import tempfile
 import time
@@ -38,6 +39,19 @@ class LocalDaemon:
 
     def stop(self) -> None:
         raise NotImplementedError
+
+    def _end(self, grace: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; a paused process is continued first so it can exit."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGCONT)
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(grace)
 
     def start(self) -> None:
         assert self.process is None, "already running"

@@ -93,16 +93,7 @@ class RedisServer(LocalDaemon):
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; a paused process is continued first so it can exit."""
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGCONT)
-        process.terminate()
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(grace)
+        self._end(grace)
 
     def kill(self) -> None:
         """SIGKILL, paused or not: the process dies without answering anything pending (a crash)."""

@@ -161,17 +161,9 @@ class SeaweedFS(LocalDaemon):
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; a paused process is continued first so it can exit."""
-        process, self.process = self.process, None
-        if process is None:
+        if self.process is None:
             return
-        if process.poll() is None:
-            process.send_signal(signal.SIGCONT)
-            process.terminate()
-            try:
-                process.wait(grace)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(grace)
+        self._end(grace)
         # weed puts a unix socket per gRPC port in /tmp whatever $TMPDIR says, and leaves some behind.
         for flag, port in self.ports.items():
             if flag.endswith(".grpc"):

@@ -126,17 +126,23 @@ class BucketScan:
 
     def read_small(self, key: str, limit: int = MAX_SMALL) -> tuple[bytes, str] | None:
         """``(bytes, etag)`` of a small object, None if absent; ValueError past ``limit`` bytes."""
-        try:
-            answer = self._call("get_object", Key=self.prefix + key)
-        except ObjectStoreError as e:
-            if e.status == 404:
-                return None
-            raise
+        answer = self._get(key)
+        if answer is None:
+            return None
         with answer["Body"] as body:
             data = self._read(body, key, limit + 1)
         if len(data) > limit:
             raise ValueError(f"{key}: larger than {limit} bytes")
         return data, answer.get("ETag", "")
+
+    def _get(self, key: str) -> Any:
+        """The store's answer to a GET of ``key`` (its body unread), None if there is no such object."""
+        try:
+            return self._call("get_object", Key=self.prefix + key)
+        except ObjectStoreError as e:
+            if e.status == 404:
+                return None
+            raise
 
     def _read(self, body: Any, key: str, n: int) -> bytes:
         try:
@@ -157,12 +163,9 @@ class BucketScan:
 
     def hash(self, kind: str, key: str) -> Checked | None:
         """Stream the object through sha256, ``CHUNK`` bytes at a time; None if it is gone."""
-        try:
-            answer = self._call("get_object", Key=self.prefix + key)
-        except ObjectStoreError as e:
-            if e.status == 404:
-                return None
-            raise
+        answer = self._get(key)
+        if answer is None:
+            return None
         sha, size, etag = hashlib.sha256(), 0, answer.get("ETag", "")
         with answer["Body"] as body:
             if kind == MANIFEST:
