@@ -93,22 +93,28 @@ def _get(url: str, headers: dict[str, str] | None = None) -> bytes:
 # -- 1 -------------------------------------------------------------------------------------------------------------
 
 
-def cached_manifest(stage: Stage) -> list[Row]:
-    """wrk on a cached tag, the Accept header of a real client; nginx serves a static file of the same bytes.
+@dataclass
+class Wrk:
+    """What :func:`wrk_rounds` measured, per server name: the figure (the median req/s, or why there is none), the
+    req/s (or error) of each run, and ``[CPU seconds, requests]`` of the server's process group over all runs."""
 
-    ``wrk_rounds`` runs of ``wrk_seconds / wrk_rounds`` each, the servers in turn, median reported: a neighbour's
-    burst of CPU on a shared machine then spoils one short run of one server, not a whole figure.
+    figures: dict[str, Cell]
+    runs: dict[str, list[Cell]]
+    cpu: dict[str, list[float]]
+
+
+def wrk_rounds(stage: Stage, urls: dict[Server, str]) -> Wrk:
+    """wrk on the cached tag at each of ``urls`` (a server's URL of the tag, or nginx's static copy of its bytes),
+    with the Accept header of a real client.
+
+    First one GET each, which fills the cache and must return the upstream's manifest bytes: a server that answers
+    wrong (or not at all) gets no load. Then ``wrk_rounds`` runs of ``wrk_seconds / wrk_rounds`` each, the servers in
+    turn, median reported: a neighbour's burst of CPU on a shared machine then spoils one short run of one server,
+    not a whole figure.
     """
-    plan, path = stage.plan, f"/v2/{MANIFEST_REPOSITORY}/manifests/{MANIFEST_TAG}"
-    headers = {"Accept": MANIFEST_ACCEPT}
-    urls = {
-        stage.ours.name: stage.ours.url + path,
-        stage.cncf.name: stage.cncf.url + path,
-        stage.nginx.name: stage.nginx.url + "/manifests/benchhello",
-    }
-    servers = (stage.ours, stage.cncf, stage.nginx)
-    cpu: dict[str, list[float]] = {server.name: [0.0, 0] for server in servers}  # seconds, requests
-    runs: dict[str, list[Cell]] = {server.name: [] for server in servers}
+    plan, headers = stage.plan, {"Accept": MANIFEST_ACCEPT}
+    cpu: dict[str, list[float]] = {server.name: [0.0, 0] for server in urls}  # seconds, requests
+    runs: dict[str, list[Cell]] = {server.name: [] for server in urls}
     wrong: dict[str, Cell] = {}
 
     def check(url: str) -> float:
@@ -117,20 +123,18 @@ def cached_manifest(stage: Stage) -> list[Row]:
             raise RuntimeError(f"served {len(body)} bytes that are not the upstream's manifest")
         return len(body)
 
-    for server in servers:
-        answer = attempt(stage, server, "manifest bytes", lambda url=urls[server.name]: check(url), False)
+    for server, url in urls.items():
+        answer = attempt(stage, server, "manifest bytes", lambda url=url: check(url), False)
         if isinstance(answer, str):
             wrong[server.name] = answer  # no load on a server that answers wrong (or not at all)
     for _ in range(plan.wrk_rounds):
-        for server in servers:
+        for server, url in urls.items():
             if server.name in wrong:
                 continue
 
-            def measure(server: Server = server, cpu: dict = cpu) -> float:
+            def measure(server: Server = server, url: str = url) -> float:
                 before = group_cpu(server.pid)
-                result = clients.wrk(
-                    urls[server.name], plan.wrk_seconds / plan.wrk_rounds, plan.wrk_connections, headers
-                )
+                result = clients.wrk(url, plan.wrk_seconds / plan.wrk_rounds, plan.wrk_connections, headers)
                 cpu[server.name][0] += group_cpu(server.pid) - before
                 cpu[server.name][1] += result.requests
                 if result.errors > result.requests / 100:
@@ -138,7 +142,23 @@ def cached_manifest(stage: Stage) -> list[Row]:
                 return result.requests_per_second
 
             runs[server.name].append(attempt(stage, server, "cached tag req/s", measure))
-    ours, cncf, nginx = (wrong.get(server.name) or _median(runs[server.name]) for server in servers)
+    figures = {server.name: wrong.get(server.name) or _median(runs[server.name]) for server in urls}
+    return Wrk(figures, runs, cpu)
+
+
+def cached_manifest(stage: Stage) -> list[Row]:
+    """wrk on a cached tag (:func:`wrk_rounds`); nginx serves a static file of the same bytes."""
+    plan, path = stage.plan, f"/v2/{MANIFEST_REPOSITORY}/manifests/{MANIFEST_TAG}"
+    measured = wrk_rounds(
+        stage,
+        {
+            stage.ours: stage.ours.url + path,
+            stage.cncf: stage.cncf.url + path,
+            stage.nginx: stage.nginx.url + "/manifests/benchhello",
+        },
+    )
+    cpu = measured.cpu
+    ours, cncf, nginx = (measured.figures[server.name] for server in (stage.ours, stage.cncf, stage.nginx))
     stage.notes.append(
         "Scenario 1: CPU time per request: "
         + ", ".join(f"{name} {c[0] / c[1] * 1e6:.0f} µs" for name, c in cpu.items() if c[1])

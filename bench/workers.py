@@ -29,9 +29,9 @@ from . import clients
 from .memory import group_cpu
 from .plan import MB
 from .report import Cell, Row, ratio
-from .scenarios import Stage, _get, _median, _prime, _ratios, attempt, say
+from .scenarios import Stage, _median, _prime, _ratios, attempt, say, wrk_rounds
 from .servers import DioProxy, Relay, Server
-from .upstream import MANIFEST_ACCEPT, MANIFEST_REPOSITORY, MANIFEST_TAG, BlobFile
+from .upstream import MANIFEST_REPOSITORY, MANIFEST_TAG, BlobFile
 
 TAG_TARGET = 1.7
 WARM_TARGET = 1.0
@@ -98,45 +98,11 @@ def _per(cpu: dict[str, list[float]], scale: float, digits: int, unit: str = "")
 def _tag(stage: Stage, one: DioProxy, two: DioProxy) -> Row:
     """wrk on the cached tag, in ``wrk_rounds`` turns of 1 worker, 2 workers and nginx's static copy."""
     plan, path = stage.plan, f"/v2/{MANIFEST_REPOSITORY}/manifests/{MANIFEST_TAG}"
-    headers = {"Accept": MANIFEST_ACCEPT}
-    servers: tuple[Server, ...] = (one, two, stage.nginx)
-    urls = {
-        one.name: one.url + path,
-        two.name: two.url + path,
-        stage.nginx.name: stage.nginx.url + "/manifests/benchhello",
-    }
-    runs: dict[str, list[Cell]] = {s.name: [] for s in servers}
-    cpu: dict[str, list[float]] = {s.name: [0.0, 0] for s in servers}  # seconds, requests
-    wrong: dict[str, Cell] = {}
-
-    def check(url: str) -> float:
-        body = _get(url, headers)  # the first request fills the cache
-        if body != stage.upstream.manifest:
-            raise RuntimeError(f"served {len(body)} bytes that are not the upstream's manifest")
-        return len(body)
-
-    for server in servers:
-        answer = attempt(stage, server, "manifest bytes", lambda url=urls[server.name]: check(url), False)
-        if isinstance(answer, str):
-            wrong[server.name] = answer
-    for _ in range(plan.wrk_rounds):
-        for server in servers:
-            if server.name in wrong:
-                continue
-
-            def measure(server: Server = server) -> float:
-                before = group_cpu(server.pid)
-                result = clients.wrk(
-                    urls[server.name], plan.wrk_seconds / plan.wrk_rounds, plan.wrk_connections, headers
-                )
-                cpu[server.name][0] += group_cpu(server.pid) - before
-                cpu[server.name][1] += result.requests
-                if result.errors > result.requests / 100:
-                    raise RuntimeError(f"{result.errors} of {result.requests} requests failed")
-                return result.requests_per_second
-
-            runs[server.name].append(attempt(stage, server, "cached tag req/s", measure))
-    single, ours, nginx = (wrong.get(s.name) or _median(runs[s.name]) for s in servers)
+    measured = wrk_rounds(
+        stage, {one: one.url + path, two: two.url + path, stage.nginx: stage.nginx.url + "/manifests/benchhello"}
+    )
+    cpu, runs = measured.cpu, measured.runs
+    single, ours, nginx = (measured.figures[s.name] for s in (one, two, stage.nginx))
     stage.notes.append(
         f"Scenario 7, cached tag: CPU time per request (all processes of each server): {_per(cpu, 1e6, 0, ' µs')}; "
         f"req/s of each wrk run: "
