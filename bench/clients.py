@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,7 @@ _CURL_FORMAT = "%{http_code} %{size_download} %{time_total}\\n"
 
 
 def curl_streams(
-    url: str,
+    url: str | Sequence[str],
     streams: int,
     timeout: float = 300,
     redirected: bool = False,
@@ -113,17 +114,19 @@ def curl_streams(
     unlike the wall time, excludes starting the curl process: that matters for a single stream of a fast server).
     ``redirected``: ``curl -L``, and the first answer must have been a redirect (its round trip is in the times).
     ``output``: a file to write instead of /dev/null (one stream). ``into``: a directory where stream ``i``
-    writes the file ``stream-i`` (a client that keeps what it pulls pays for the disk writes too).
+    writes the file ``stream-i`` (a client that keeps what it pulls pays for the disk writes too). Several URLs:
+    the streams take them round robin (stream ``i`` the ``i % len(url)``-th), e.g. a crowd spread over replicas.
     """
+    urls = [url] if isinstance(url, str) else list(url)
     argv = [shutil.which("curl") or "/usr/bin/curl", "-s", *(["-L"] if redirected else [])]
-    argv += ["-w", _CURL_FORMAT.replace("\\n", " %{num_redirects}\\n"), url]
+    argv += ["-w", _CURL_FORMAT.replace("\\n", " %{num_redirects}\\n")]
 
     def target(i: int) -> str:
         return str(into / f"stream-{i}") if into is not None else str(output or "/dev/null")
 
     started = time.monotonic()
     processes = [
-        _popen([*argv, "-o", target(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _popen([*argv, urls[i % len(urls)], "-o", target(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(streams)
     ]
     total, times, failures = 0, [], []

@@ -41,6 +41,8 @@ class Plan:
     tier_rounds: int = 5
     #: Scenario 7 (``--workers 2`` against 1): rounds of the cold to-disk rows, two fresh blobs per mirror each.
     worker_rounds: int = 3
+    #: Scenario 8 (3 replicas against the CNCF pair on shared storage): rounds, five fresh cold blobs each.
+    fleet_rounds: int = 3
 
     @property
     def link_floor(self) -> float:
@@ -64,4 +66,5 @@ QUICK = Plan(
     tier_blob=8 * MB,
     tier_rounds=1,
     worker_rounds=1,
+    fleet_rounds=1,
 )

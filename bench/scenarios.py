@@ -1,5 +1,6 @@
-"""The five scenarios of issue 4, the shared tier's of issue 10 (:mod:`bench.tier`) and ``--workers``' of issue 11
-(:mod:`bench.workers`); each returns table rows and never raises for a failed measurement.
+"""The five scenarios of issue 4, the shared tier's of issue 10 (:mod:`bench.tier`), and ``--workers``' and the
+fleet's of issue 11 (:mod:`bench.workers`, :mod:`bench.fleet`); each returns table rows and never raises for a
+failed measurement.
 
 Every number comes from a client in its own process (:mod:`bench.clients`) or from ``/proc`` and the upstream's
 access log, never from a server's own account. Each measurement is wrapped by :func:`attempt`: a failure becomes the
@@ -504,8 +505,19 @@ def workers(stage: Stage) -> list[Row]:
     return run(stage)
 
 
+# -- 8 -------------------------------------------------------------------------------------------------------------
+
+
+def fleet(stage: Stage) -> list[Row]:
+    """A cold blob over 3 replicas on one Redis and one bucket, against 16 clients on one and the CNCF proxy on
+    shared storage: see :mod:`bench.fleet` (which builds on this module)."""
+    from .fleet import fleet as run
+
+    return run(stage)
+
+
 #: In the order they run: memory last, because the CNCF proxy may go on downloading for readers that have left;
-#: the shared tier and the workers before it, their mirrors stopped when they end.
+#: the shared tier, the workers and the fleet before it, their servers stopped when they end.
 SCENARIOS: dict[str, Callable[[Stage], list[Row]]] = {
     "1": cached_manifest,
     "2": warm_blob,
@@ -513,5 +525,6 @@ SCENARIOS: dict[str, Callable[[Stage], list[Row]]] = {
     "5": image_pulls,
     "6": shared_tier,
     "7": workers,
+    "8": fleet,
     "4": memory,
 }

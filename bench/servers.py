@@ -1,4 +1,5 @@
-"""The servers side by side: dioproxy, the CNCF registry in proxy mode, nginx, and the far-upstream relays.
+"""The servers side by side: dioproxy, the CNCF registry in proxy mode, nginx, and the far-upstream relays; the
+shared tier's SeaweedFS and the fleet's redis-server.
 
 Each is a :class:`~tests.e2e.procs.Daemon` (own session, so stopping it stops its children, and an ``atexit`` hook
 stops whatever a crash left running), listening on a loopback port, with its state and log under the bench's
@@ -122,13 +123,17 @@ class CncfProxy(Server):
 
     name = "CNCF registry proxy"
 
-    def __init__(self, base: Path, upstream_url: str) -> None:
+    def __init__(self, base: Path, upstream_url: str, storage: Path | None = None, name: str | None = None) -> None:
+        """``storage``: the filesystem root (default ``base/storage``; instances given one share it); ``name``: its
+        table label."""
         super().__init__(base)
+        if name is not None:
+            self.name = name
         config = {
             "version": 0.1,
             "log": {"level": "warn", "accesslog": {"disabled": False}, "formatter": "text"},
             "storage": {
-                "filesystem": {"rootdirectory": str(base / "storage")},
+                "filesystem": {"rootdirectory": str(storage or base / "storage")},
                 "cache": {"blobdescriptor": "inmemory"},
                 "delete": {"enabled": True},
             },
@@ -210,6 +215,39 @@ class Seaweed(Server):
 
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(self.weed.log_tail().splitlines()[-lines:])
+
+
+class Redis(Server):
+    """A real ``redis-server`` (nothing saved) as ``tests/redisserver.py`` starts it: the fleet's coordination.
+
+    ``port`` is unused: the fixture picks its own (``url`` is what a replica is given).
+    """
+
+    name = "redis-server"
+
+    def __init__(self, base: Path) -> None:
+        from tests.redisserver import RedisServer
+
+        super().__init__(base)
+        self.redis = RedisServer(str(base))
+
+    @property
+    def url(self) -> str:
+        return self.redis.url
+
+    @property
+    def pid(self) -> int:
+        assert self.redis.process is not None
+        return self.redis.process.pid
+
+    def start(self) -> None:
+        self.redis.start()
+
+    def stop(self) -> None:
+        self.redis.stop()
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.redis.log_tail().splitlines()[-lines:])
 
 
 def _env() -> dict[str, str]:

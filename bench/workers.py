@@ -22,7 +22,8 @@ import hashlib
 import shlex
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import clients
@@ -190,30 +191,49 @@ def _served_by(mirror: DioProxy, blob: BlobFile) -> str:
     return "+".join(str(counts[w]) for w in sorted(counts))
 
 
+@dataclass(frozen=True)
+class Download:
+    """What :func:`to_disk` saw: the wall time, each curl's own time (stream order), and the upstream's GETs of the
+    blob meanwhile: those that sent it (2xx) and the others (a 401 challenge before a token)."""
+
+    wall: float
+    times: list[float]
+    gets: int
+    others: int
+
+
+def to_disk(stage: Stage, urls: str | Sequence[str], blob: BlobFile, count: int, into: Path) -> Download:
+    """``count`` concurrent curls of the cold ``blob``, round robin over ``urls``, each into its own file in the
+    fresh directory ``into`` (removed afterwards). Raises if a file is not the blob; each is checked once the clock
+    has stopped."""
+    into.mkdir()
+    try:
+        mark = stage.upstream.log_offset()
+        wall, _, times = clients.curl_streams(urls, count, into=into)
+        for i in range(count):
+            _same_file(into / f"stream-{i}", blob)
+        time.sleep(0.5)  # the registry writes its access-log line after the response
+        gets, others = stage.upstream.blob_downloads(mark, blob.digest)
+        return Download(wall, times, gets, others)
+    finally:
+        shutil.rmtree(into, ignore_errors=True)
+
+
 def _to_disk(
     stage: Stage, mirror: DioProxy, blob: BlobFile, count: int, into: Path, challenges: list[int], spread: list[str]
 ) -> Callable[[], float]:
-    """``count`` concurrent curls of the cold ``blob``, each into its own file: the wall time; errors if a file is
-    not the blob or the upstream sent it other than once (GETs without the bytes, 401s, are added to
-    ``challenges``). For a crowd, how its requests spread over the workers and its curls' times go to ``spread``."""
+    """:func:`to_disk` of one mirror: the wall time; errors if the upstream sent the blob other than once (GETs
+    without the bytes, 401s, are added to ``challenges``). For a crowd, how its requests spread over the workers
+    and its curls' times go to ``spread``."""
 
     def run() -> float:
-        into.mkdir()
-        try:
-            mark = stage.upstream.log_offset()
-            wall, _, times = clients.curl_streams(mirror.url + blob.url_path(), count, into=into)
-            for i in range(count):
-                _same_file(into / f"stream-{i}", blob)
-            time.sleep(0.5)  # the registry writes its access-log line after the response
-            gets, others = stage.upstream.blob_downloads(mark, blob.digest)
-            if gets != 1:
-                raise RuntimeError(f"{gets} upstream GETs sent the blob for {count} clients, not 1")
-            challenges[0] += others
-            if count > 1:  # per worker, and the fastest and slowest curl's own time: a stall shows here
-                spread.append(f"{_served_by(mirror, blob)} ({min(times):.2f}-{max(times):.2f} s)")
-            return wall
-        finally:
-            shutil.rmtree(into, ignore_errors=True)
+        got = to_disk(stage, mirror.url + blob.url_path(), blob, count, into)
+        if got.gets != 1:
+            raise RuntimeError(f"{got.gets} upstream GETs sent the blob for {count} clients, not 1")
+        challenges[0] += got.others
+        if count > 1:  # per worker, and the fastest and slowest curl's own time: a stall shows here
+            spread.append(f"{_served_by(mirror, blob)} ({min(got.times):.2f}-{max(got.times):.2f} s)")
+        return got.wall
 
     return run
 

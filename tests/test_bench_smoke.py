@@ -52,6 +52,12 @@ ROWS = [
     r"\| 7 \| cold \d+ MB blob, 1 curl writing to disk: total",
     r"\| 7 \| cold \d+ MB blob, 16 curls writing to disk, 1 worker: total",
     r"\| 7 \| cold \d+ MB blob, 16 curls writing to disk, --workers 2: total",
+    # Three replicas on one Redis and one bucket (issue 11), the CNCF proxy on shared storage beside them: an error
+    # cell in dioproxy's column also means a file that is not the blob, or a blob the upstream sent other than once.
+    r"\| 8 \| fleet of 3: cold \d+ MB blob, 1 curl writing to disk: total",
+    r"\| 8 \| fleet of 3: cold \d+ MB blob, 16 curls over 3 replicas",
+    r"\| 8 \| fleet of 3: cold \d+ MB blob, 16 curls on 1 replica: total",
+    r"\| 8 \| fleet of 3: cold blob, 16 curls over the instances: upstream blob GETs",
 ]
 
 
@@ -148,3 +154,28 @@ class WorkersRowTests(unittest.TestCase):
         _same_file(directory / "good", blob)
         with self.assertRaisesRegex(RuntimeError, "99999 bytes that are not the blob"):
             _same_file(directory / "short", blob)
+
+
+class _Path(Resource):
+    """Answers each GET with its own path."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        return request.path
+
+
+class CurlSpreadTests(unittest.TestCase):
+    async def test_a_crowd_takes_the_urls_in_turn(self) -> None:
+        """Scenario 8's 16 curls "over 3 replicas" reach all three: stream ``i`` asks the ``i % 3``-th URL."""
+        from bench.clients import curl_streams
+
+        port = reactor.listenTCP(0, Site(_Path()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        base = f"http://127.0.0.1:{port.getHost().port}"
+        into = Path(self.mktemp())
+        into.mkdir()
+        _, total, _ = await threads.deferToThread(curl_streams, [f"{base}/a", f"{base}/b", f"{base}/c"], 7, into=into)
+        self.assertEqual(total, 7 * 2)
+        got = [(into / f"stream-{i}").read_bytes() for i in range(7)]
+        self.assertEqual(got, [b"/a", b"/b", b"/c", b"/a", b"/b", b"/c", b"/a"])
