@@ -135,6 +135,7 @@ class _Runs:
     def __init__(self) -> None:
         self.cells: list[Cell] = []
         self.seen: list[Download | None] = []
+        self.cpu: list[float] = []  # CPU seconds of the instances (all replicas, or both CNCF) per measurement
 
     def gets(self) -> str:
         return ", ".join("error" if d is None else str(d.gets) for d in self.seen) or "-"
@@ -147,13 +148,17 @@ def _measure(
     stage: Stage, fleet: _Fleet, runs: _Runs, servers: Sequence[Server], blob: BlobFile, count: int, what: str
 ) -> None:
     """``count`` curls of ``blob`` round robin over ``servers``, into files; for dioproxy, 1 upstream GET or an
-    error. Then the wait for quiet."""
+    error. The CPU time of every instance of its kind (the fill, serving, peers, the background upload) is kept.
+    Then the wait for quiet."""
     seen: list[Download] = []
     strict = isinstance(servers[0], DioProxy)
+    instances = [s.pid for s in (fleet.replicas if strict else fleet.cncf) if s.name not in stage.down]
 
     def run() -> float:
         into = fleet.downloads / f"{len(runs.cells)}-{count}-{len(servers)}-{servers[0].port}"
+        before = sum(group_cpu(pid) for pid in instances)
         got = to_disk(stage, [s.url + blob.url_path() for s in servers], blob, count, into)
+        runs.cpu.append(sum(group_cpu(pid) for pid in instances) - before)
         seen.append(got)
         if strict and got.gets != 1:
             raise RuntimeError(f"{got.gets} upstream GETs sent the blob for {count} clients, not 1")
@@ -200,7 +205,10 @@ def _cold(stage: Stage, fleet: _Fleet) -> list[Row]:
         f"{cncf_alone.others() + cncf_spread.others()}). {crowd} clients / one client per round: over {REPLICAS} "
         f"{rounds(alone, spread)}; on 1 {rounds(alone, single)}; CNCF over {len(cncf)} "
         f"{rounds(cncf_alone, cncf_spread)}. Each replica's curls' own times (s) in the {crowd} over {REPLICAS}, "
-        f"per round: {'; '.join(per_replica) or '-'}. Waits for the fleet to be idle after each measurement: "
+        f"per round: {'; '.join(per_replica) or '-'}. CPU seconds of all replicas (CNCF: both instances) per "
+        f"measurement, each from the curls' start to the files checked (uploads included): 1 client {_cpu(alone)}; "
+        f"{crowd} over {REPLICAS} {_cpu(spread)}; {crowd} on 1 {_cpu(single)}; CNCF 1 client {_cpu(cncf_alone)}, "
+        f"{crowd} over {len(cncf)} {_cpu(cncf_spread)}. Waits for the fleet to be idle after each measurement: "
         f"{', '.join(f'{w:.1f}' for w in fleet.waits)} s."
     )
     size = f"{plan.cold_blob / MB:.0f} MB"
@@ -253,6 +261,10 @@ def _cold(stage: Stage, fleet: _Fleet) -> list[Row]:
             target_value=1,
         ),
     ]
+
+
+def _cpu(runs: _Runs) -> str:
+    return ", ".join(f"{c:.1f}" for c in runs.cpu) or "-"
 
 
 def _first_error(cells: list[Cell]) -> Cell:
