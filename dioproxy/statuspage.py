@@ -87,6 +87,7 @@ def render(data: dict[str, Any]) -> str:
         f"<title>dioproxy at {esc(host)}</title><style>{STYLE}</style></head><body>",
         f"<header><h1>dioproxy mirror at {esc(host)}</h1>",
         f"<p>version {esc(data['version'])} &middot; up {esc(_span(now - data['started']))} &middot; "
+        f"{_worker_count(data)}"
         f"{'login required' if data['closed'] else 'open to all'} &middot; as JSON with "
         '<code>Accept: application/json</code> &middot; <a href="/metrics">metrics</a></p>',
         '<nav><a href="#health">Is it working</a><a href="#holds">What it holds</a><a href="#use">How to use it</a>'
@@ -141,6 +142,11 @@ def _health(data: dict[str, Any], now: float) -> str:
         + "".join(rows)
         + f"</tbody></table>{hub_line}</section>"
     )
+
+
+def _worker_count(data: dict[str, Any]) -> str:
+    workers = data.get("workers")
+    return f"{esc(workers['count'])} workers &middot; " if workers else ""
 
 
 def _processes(data: dict[str, Any], now: float) -> str:
