@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict
 from typing import Any, Callable
@@ -28,6 +27,9 @@ MINUTES = 24 * 60
 #: Outcomes served from the cache, and those whose bytes came from an upstream (while filling, or piped through).
 CACHED = frozenset(("hit", "stale"))
 FETCHED = frozenset(("miss", "pass"))
+#: Repositories of its most pulled list a worker hands over (a few times the page's 10, so a repository just below
+#: the top on each worker still adds up); the page's top is merged from these.
+SHARED_TOP = 50
 
 
 class Traffic:
@@ -145,10 +147,9 @@ class Popular:
         entry["last_pull"] = now
         entry["digest"] = digest or entry["digest"]
 
-    def export(self, n: int = 50, tags: int = 10) -> list[list[Any]]:
+    def export(self, n: int = SHARED_TOP, tags: int = 10) -> list[list[Any]]:
         """The ``n`` most pulled repositories, each with its ``tags`` most pulled tags, as
-        ``[registry, name, pulls, bytes, last_pull, {tag: entry}]``: a worker's part of the merged top list (a
-        few times what the page shows, so a repository just below the top on each worker still adds up)."""
+        ``[registry, name, pulls, bytes, last_pull, {tag: entry}]``: a worker's part of the merged top list."""
         return [
             [
                 r["registry"],
@@ -236,7 +237,6 @@ def share(mirror: Any, index: int = 0) -> dict[str, Any]:
     board: StatusBoard = mirror.status
     return {
         "index": index,
-        "pid": os.getpid(),
         "started": board.started,
         "traffic": board.traffic.export(board.clock()),
         "popular": board.popular.export(),
@@ -258,7 +258,7 @@ def page_data(
     registries = list(mirror.config.upstreams)
     traffic, popular, fills = board.traffic, board.popular, _fills(mirror)
     if shares is not None:
-        traffic, popular = Traffic(), Popular(max_repositories=len(shares) * 50)
+        traffic, popular = Traffic(), Popular(max_repositories=len(shares) * SHARED_TOP)
         for part in shares:
             traffic.absorb(part["traffic"])
             popular.absorb(part["popular"])
@@ -290,7 +290,6 @@ def _workers(shares: list[dict[str, Any]], count: int) -> dict[str, Any]:
         "answered": len(answered),
         "missing": [i for i in range(count) if i not in answered],
         "answered_by": shares[0]["index"],
-        "pids": {str(part["index"]): part["pid"] for part in shares},
     }
 
 
