@@ -27,6 +27,7 @@ from dioproxy.fill import FillManager
 from dioproxy.fleet.bucketuse import BucketBound, BucketUse
 from dioproxy.fleet.fills import FleetFills
 from dioproxy.fleet.lease import Leases
+from dioproxy.fleet.presence import Presence
 from dioproxy.fleet.redis import Redis
 from dioproxy.fleet.tags import FleetTags
 from dioproxy.health import Health
@@ -125,14 +126,19 @@ class Mirror:
         """Worker ``index`` of ``count`` sharing ``run_dir``: the offline windows and ``/metrics`` cover them all."""
         self.health.shared = OfflineFiles(run_dir)
         self.siblings = Siblings(self, run_dir, index, count)
+        if self.presence is not None:
+            self.presence.worker = index
 
     def _make_fleet(self, config: Config) -> FleetFills | None:
         """``coordination``: one upstream fetch per blob for every replica on the same Redis."""
         spec = config.coordination
+        #: The replicas Redis has seen, for the status page (None without a fleet).
+        self.presence: Presence | None = None
         if spec is None or self.fills is None:
             return None
         advertise = spec.advertise or f"http://{socket.getfqdn()}:{self.port}"
         redis = Redis.from_url(spec.redis, self.reactor)
+        self.presence = Presence(redis, advertise, lambda: len(self.fills.fills), time.time, self.reactor)
         fleet = FleetFills(redis, spec.secret, advertise, self.reactor, config.read_timeout)
         self.fills.fleet = fleet
         self.manifests.fleet_tags = FleetTags(redis)
@@ -272,6 +278,8 @@ class Mirror:
         shared = self.bucket.stop() if self.bucket else defer.succeed(None)
         if self.bucket_bound:
             self.bucket_bound.stop()
+        if self.presence:
+            self.presence.stop()
         if self.fleet:
             shared = defer.gatherResults([shared, defer.ensureDeferred(self.fleet.close())])
         closed = defer.gatherResults([self.pool.closeCachedConnections(), stopped, written, shared])
@@ -293,4 +301,6 @@ class Mirror:
             self.prefetcher.start()
         if self.bucket_bound:
             self.bucket_bound.start()
+        if self.presence:
+            self.presence.start()
         return removed

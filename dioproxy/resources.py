@@ -491,7 +491,12 @@ class Status(Endpoint):
             raise
 
     async def handle(self, request: server.Request, head: bool) -> None:
-        data = status.page_data(self.mirror, base_url(request))
+        siblings = self.mirror.siblings
+        if siblings is not None:  # --workers N: every worker's share that answers in time
+            shares = await siblings.shares()
+            data = status.page_data(self.mirror, base_url(request), shares, siblings.count)
+        else:
+            data = status.page_data(self.mirror, base_url(request))
         request.setHeader("Vary", "Accept")
         request.setHeader("Cache-Control", "no-store")
         if _wants_json(request):

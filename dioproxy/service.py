@@ -19,7 +19,7 @@ from dioproxy.config import Config, ConfigError, load_config
 from dioproxy.mirror import Mirror
 from dioproxy.reload import ConfigReloader
 from dioproxy.resources import Root
-from dioproxy.siblings import OwnMetrics
+from dioproxy.siblings import OwnShare
 from dioproxy.site import MirrorSite
 from dioproxy.workers import SharedPort, Workers, worker_count
 
@@ -162,7 +162,7 @@ def make_worker(options: Options, index: int, reactor: Any, run_dir: str | None 
     top, site = _mirror_service(options, reactor, index)
     if run_dir is not None:
         top.mirror.join_workers(run_dir, index, options["workers"])
-        OwnMetrics(top.mirror, run_dir, index).setServiceParent(top)
+        OwnShare(top.mirror, run_dir, index).setServiceParent(top)
     factory = site if options.tls is None else TLSMemoryBIOFactory(options.tls, False, site)
     SharedPort(options["port"], options["interface"], factory, reactor).setServiceParent(top)
     return top

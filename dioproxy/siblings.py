@@ -1,10 +1,11 @@
-"""``/metrics`` under ``--workers N``: whichever worker answers, the exposition covers all of them.
+"""``/metrics`` and the status page under ``--workers N``: whichever worker answers, they cover all of them.
 
-Each worker also listens on a private Unix socket in the run directory (``metrics-<i>.sock``, the directory is
-0700) where it serves its own registry alone. The worker a scrape reaches fetches its siblings' expositions
-concurrently, each with a :data:`SIBLING_TIMEOUT` deadline, and merges them with its own
-(:func:`dioproxy.metrics.merge`). A sibling that does not answer in time is left out of that scrape and counted
-in ``dioproxy_scrape_workers_missing``.
+Each worker also listens on a private Unix socket in the run directory (``worker-<i>.sock``, the directory is
+0700) where it serves its own registry alone (``/metrics``) and its own share of the status page (``/status``,
+:func:`dioproxy.status.share`). The worker a scrape reaches fetches its siblings' expositions concurrently, each
+with a :data:`SIBLING_TIMEOUT` deadline, and merges them with its own (:func:`dioproxy.metrics.merge`). A sibling
+that does not answer in time is left out of that scrape and counted in ``dioproxy_scrape_workers_missing``. The
+status page does the same with :data:`STATUS_TIMEOUT` (a person waits for it) and says who was left out.
 
 Why this and not prometheus-client's multiprocess mode: that mode keeps values in mmapped files per process and
 cannot merge the gauges we compute at scrape time from live objects (fills under way, the index totals, the pull
@@ -17,6 +18,7 @@ of the sums, which Prometheus reads as a counter reset.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import Any
 
@@ -30,6 +32,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
+from dioproxy import status
 from dioproxy.metrics import NAMESPACE, Families, merge
 
 log = Logger()
@@ -38,10 +41,12 @@ log = Logger()
 SCRAPE_GAUGES = (f"{NAMESPACE}_scrape_workers", f"{NAMESPACE}_scrape_workers_missing")
 #: How long a scrape waits for a sibling's exposition (a worker busy streaming answers in milliseconds).
 SIBLING_TIMEOUT = 2.0
+#: How long the status page waits for a sibling's share.
+STATUS_TIMEOUT = 1.0
 
 
 def socket_path(run_dir: str, index: int) -> str:
-    return os.path.join(run_dir, f"metrics-{index}.sock")
+    return os.path.join(run_dir, f"worker-{index}.sock")
 
 
 class _Endpoints:
@@ -57,18 +62,19 @@ class _Endpoints:
 
 
 class Siblings:
-    """The other workers' expositions, fetched over their private sockets and merged with this worker's."""
+    """The other workers' expositions and status shares, fetched over their private sockets."""
 
     def __init__(self, mirror: Any, run_dir: str, index: int, count: int) -> None:
         self.mirror = mirror
         self.index = index
+        self.count = count
         self.others = [i for i in range(count) if i != index]
         pool = HTTPConnectionPool(mirror.reactor, persistent=False)
         self.agent = Agent.usingEndpointFactory(mirror.reactor, _Endpoints(mirror.reactor, run_dir), pool=pool)
 
     async def exposition(self) -> bytes:
         """Every worker's metrics that answered in time, as one text exposition."""
-        fetched = await defer.DeferredList([self._fetch(i) for i in self.others], consumeErrors=True)
+        fetched = await defer.DeferredList([self._metrics(i) for i in self.others], consumeErrors=True)
         await _flushed(self.mirror)  # after the siblings wrote theirs: the index totals cover every worker
         families = [list(self.mirror.metrics.registry.collect())]
         for i, (ok, result) in zip(self.others, fetched):
@@ -85,8 +91,29 @@ class Siblings:
         families[0] += [answered, missing]
         return generate_latest(Families(merge(families)))
 
-    def _fetch(self, index: int) -> defer.Deferred:
-        d = self.agent.request(b"GET", f"http://worker-{index}/metrics".encode())
+    async def shares(self) -> list[dict[str, Any]]:
+        """Every worker's status share that came within :data:`STATUS_TIMEOUT`, ours first."""
+        fetched = await defer.DeferredList([self._share(i) for i in self.others], consumeErrors=True)
+        shares = [status.share(self.mirror, self.index)]
+        for i, (ok, result) in zip(self.others, fetched):
+            if ok:
+                shares.append(result)
+            else:
+                log.warn("worker {i} gave no status for this page: {e}", i=i, e=result.getErrorMessage())
+        return shares
+
+    def _metrics(self, index: int) -> defer.Deferred:
+        d = self._fetch(index, "metrics", SIBLING_TIMEOUT)
+        d.addCallback(lambda body: list(text_string_to_metric_families(body.decode("utf-8"))))
+        return d
+
+    def _share(self, index: int) -> defer.Deferred:
+        d = self._fetch(index, "status", STATUS_TIMEOUT)
+        d.addCallback(json.loads)
+        return d
+
+    def _fetch(self, index: int, what: str, timeout: float) -> defer.Deferred:
+        d = self.agent.request(b"GET", f"http://worker-{index}/{what}".encode())
 
         def read(response: Any) -> defer.Deferred:
             if response.code != 200:
@@ -94,8 +121,7 @@ class Siblings:
             return readBody(response)
 
         d.addCallback(read)
-        d.addTimeout(SIBLING_TIMEOUT, self.mirror.reactor)
-        d.addCallback(lambda body: list(text_string_to_metric_families(body.decode("utf-8"))))
+        d.addTimeout(timeout, self.mirror.reactor)
         return d
 
 
@@ -111,7 +137,7 @@ async def _flushed(mirror: Any) -> None:
         log.warn("cache index not flushed for the scrape: {e}", e=e)
 
 
-class _Own(resource.Resource):
+class _OwnMetrics(resource.Resource):
     """This worker's own exposition, for a sibling's scrape."""
 
     isLeaf = True
@@ -133,6 +159,20 @@ class _Own(resource.Resource):
         return server.NOT_DONE_YET
 
 
+class _OwnStatus(resource.Resource):
+    """This worker's share of the status page, for the sibling a browser reached."""
+
+    isLeaf = True
+
+    def __init__(self, mirror: Any, index: int) -> None:
+        super().__init__()
+        self.mirror, self.index = mirror, index
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader("Content-Type", "application/json")
+        return json.dumps(status.share(self.mirror, self.index), separators=(",", ":")).encode()
+
+
 class _QuietSite(server.Site):
     noisy = False
 
@@ -140,11 +180,12 @@ class _QuietSite(server.Site):
         """No access-log line: the public scrape that asked has its own."""
 
 
-class OwnMetrics(service.Service):
-    """Serves this worker's exposition on its private socket in the run directory."""
+class OwnShare(service.Service):
+    """Serves this worker's exposition and status share on its private socket in the run directory."""
 
     def __init__(self, mirror: Any, run_dir: str, index: int) -> None:
         self.mirror = mirror
+        self.index = index
         self.path = socket_path(run_dir, index)
         self.port: Any = None
 
@@ -152,7 +193,10 @@ class OwnMetrics(service.Service):
         super().startService()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # left by this worker's predecessor, which died
-        self.port = self.mirror.reactor.listenUNIX(self.path, _QuietSite(_Own(self.mirror)), mode=0o600)
+        root = resource.Resource()
+        root.putChild(b"metrics", _OwnMetrics(self.mirror))
+        root.putChild(b"status", _OwnStatus(self.mirror, self.index))
+        self.port = self.mirror.reactor.listenUNIX(self.path, _QuietSite(root), mode=0o600)
 
     def stopService(self) -> Any:
         super().stopService()

@@ -6,6 +6,10 @@
 - :func:`page_data` adds the live state at the moment of the request: upstream health (``mirror.health``), the
   rate-limit budget the upstreams announced, fills in progress, the cache's size against its bound, and the
   client snippets for this mirror's address. The HTML page and the JSON answer are both built from it.
+- Under ``--workers N`` each worker holds only its share of the traffic and of the fills: :func:`share` is a
+  worker's raw part (what :mod:`dioproxy.siblings` serves on its socket), and :func:`page_data` given every share
+  that answered merges them (counters summed, top lists merged, a fill listed once per digest). The cache size is
+  read once: the index is shared. In a fleet, :mod:`dioproxy.fleet.presence` adds the replicas Redis has seen.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ MINUTES = 24 * 60
 #: Outcomes served from the cache, and those whose bytes came from an upstream (while filling, or piped through).
 CACHED = frozenset(("hit", "stale"))
 FETCHED = frozenset(("miss", "pass"))
+#: Repositories of its most pulled list a worker hands over (a few times the page's 10, so a repository just below
+#: the top on each worker still adds up); the page's top is merged from these.
+SHARED_TOP = 50
 
 
 class Traffic:
@@ -51,6 +58,29 @@ class Traffic:
         else:
             self.misses[slot] += 1
             self.fetched_bytes[slot] += nbytes
+
+    def export(self, now: float) -> list[list[int]]:
+        """The minutes of the last day that saw traffic: ``[minute, hits, misses, cached_bytes, fetched_bytes]``."""
+        first = int(now // 60) - self.minutes + 1
+        return [
+            [self.stamp[s], self.hits[s], self.misses[s], self.cached_bytes[s], self.fetched_bytes[s]]
+            for s in range(self.minutes)
+            if self.stamp[s] >= first
+        ]
+
+    def absorb(self, rows: list[list[int]]) -> None:
+        """Add another worker's :meth:`export` to ours (a minute older than what a slot holds is past the ring)."""
+        for minute, hits, misses, cached, fetched in rows:
+            slot = minute % self.minutes
+            if self.stamp[slot] > minute:
+                continue
+            if self.stamp[slot] < minute:
+                self.stamp[slot] = minute
+                self.hits[slot] = self.misses[slot] = self.cached_bytes[slot] = self.fetched_bytes[slot] = 0
+            self.hits[slot] += hits
+            self.misses[slot] += misses
+            self.cached_bytes[slot] += cached
+            self.fetched_bytes[slot] += fetched
 
     def window(self, now: float, span: int, step: int) -> dict[str, Any]:
         """The last ``span`` minutes in buckets of ``step`` minutes (oldest first), and their totals."""
@@ -117,6 +147,37 @@ class Popular:
         entry["last_pull"] = now
         entry["digest"] = digest or entry["digest"]
 
+    def export(self, n: int = SHARED_TOP, tags: int = 10) -> list[list[Any]]:
+        """The ``n`` most pulled repositories, each with its ``tags`` most pulled tags, as
+        ``[registry, name, pulls, bytes, last_pull, {tag: entry}]``: a worker's part of the merged top list."""
+        return [
+            [
+                r["registry"],
+                r["repository"],
+                r["pulls"],
+                r["bytes"],
+                r["last_pull"],
+                {t.pop("tag"): t for t in r["tags"]},
+            ]
+            for r in self.top(n, tags)
+        ]
+
+    def absorb(self, rows: list[list[Any]]) -> None:
+        """Add another worker's :meth:`export` (pulls and bytes summed; the latest pull and its digest kept)."""
+        for registry, name, pulls, nbytes, last_pull, tags in rows:
+            repository = self.repositories.setdefault(
+                (registry, name), {"pulls": 0, "bytes": 0, "last_pull": None, "tags": OrderedDict()}
+            )
+            repository["pulls"] += pulls
+            repository["bytes"] += nbytes
+            repository["last_pull"] = _latest(repository["last_pull"], last_pull)
+            for tag, entry in tags.items():
+                mine = repository["tags"].setdefault(tag, {"pulls": 0, "last_pull": entry["last_pull"], "digest": None})
+                mine["pulls"] += entry["pulls"]
+                if entry["last_pull"] >= mine["last_pull"] or mine["digest"] is None:
+                    mine["digest"] = entry["digest"] or mine["digest"]
+                mine["last_pull"] = max(mine["last_pull"], entry["last_pull"])
+
     def top(self, n: int = 10, tags: int = 5) -> list[dict[str, Any]]:
         """The ``n`` most pulled repositories, each with its ``tags`` most pulled tags."""
         ranked = sorted(self.repositories.items(), key=lambda item: (-item[1]["pulls"], -(item[1]["last_pull"] or 0)))
@@ -166,27 +227,87 @@ class StatusBoard:
         self.popular.add(str(getattr(request, "dioproxy_registry", "-")), name, nbytes, now, tag, digest)
 
 
-def page_data(mirror: Any, base_url: str) -> dict[str, Any]:
-    """Everything the status page shows, as plain JSON-ready data; cheap (no disk, no upstream)."""
+def _latest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def share(mirror: Any, index: int = 0) -> dict[str, Any]:
+    """This worker's raw part of the page, for the worker a browser reached (plain JSON-ready data, bounded: a
+    day of minutes, the top of its most pulled list, its fills)."""
+    board: StatusBoard = mirror.status
+    return {
+        "index": index,
+        "started": board.started,
+        "traffic": board.traffic.export(board.clock()),
+        "popular": board.popular.export(),
+        "fills": _fills(mirror),
+    }
+
+
+def page_data(
+    mirror: Any, base_url: str, shares: list[dict[str, Any]] | None = None, workers: int = 1
+) -> dict[str, Any]:
+    """Everything the status page shows, as plain JSON-ready data; cheap (no disk, no upstream).
+
+    ``shares``: under ``--workers``, the :func:`share` of each of the ``workers`` that answered, ours first.
+    """
     board: StatusBoard = mirror.status
     now = board.clock()
     address = urlsplit(base_url).netloc
     secure = base_url.startswith("https:")
     registries = list(mirror.config.upstreams)
+    traffic, popular, fills = board.traffic, board.popular, _fills(mirror)
+    if shares is not None:
+        traffic, popular = Traffic(), Popular(max_repositories=len(shares) * SHARED_TOP)
+        for part in shares:
+            traffic.absorb(part["traffic"])
+            popular.absorb(part["popular"])
+        fills = _merged_fills([part["fills"] for part in shares])
+    presence = getattr(mirror, "presence", None)
     return {
         "version": __version__,
         "now": now,
-        "started": board.started,
+        "started": min(part["started"] for part in shares) if shares else board.started,
         "url": base_url,
         "closed": mirror.gate is not None,
         "default_registry": mirror.config.default_registry,
+        "workers": _workers(shares, workers) if shares is not None else None,
+        "fleet": presence.snapshot(now) if presence is not None else None,
         "upstreams": _upstreams(mirror, registries, now),
-        "fills": _fills(mirror),
+        "fills": fills,
         "cache": _cache(mirror),
-        "traffic": {"hour": board.traffic.window(now, 60, 1), "day": board.traffic.window(now, MINUTES, 15)},
-        "popular": board.popular.top(),
+        "traffic": {"hour": traffic.window(now, 60, 1), "day": traffic.window(now, MINUTES, 15)},
+        "popular": popular.top(),
         "snippets": client_snippets(address, registries, mirror.config.default_registry, secure),
     }
+
+
+def _workers(shares: list[dict[str, Any]], count: int) -> dict[str, Any]:
+    """How many workers this page covers: those whose share came in time, and those left out."""
+    answered = sorted(part["index"] for part in shares)
+    return {
+        "count": count,
+        "answered": len(answered),
+        "missing": [i for i in range(count) if i not in answered],
+        "answered_by": shares[0]["index"],
+    }
+
+
+def _merged_fills(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per digest: the worker that runs the fill (else the one furthest along, following it from the
+    disk) gives the progress; the clients reading it are summed over the workers."""
+    rows: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for row in part:
+            mine = rows.get(row["digest"])
+            if mine is None:
+                rows[row["digest"]] = dict(row)
+                continue
+            followers = mine["followers"] + row["followers"]
+            if (row["owner"], row["written"]) > (mine["owner"], mine["written"]):
+                mine.update(row)
+            mine["followers"] = followers
+    return sorted(rows.values(), key=lambda row: -row["written"])
 
 
 def _upstreams(mirror: Any, registries: list[str], now: float) -> list[dict[str, Any]]:
@@ -223,12 +344,15 @@ def _state(entry: dict[str, Any] | None, now: float) -> str:
 
 
 def _fills(mirror: Any) -> list[dict[str, Any]]:
+    """The fills this process runs (``owner``) and those it follows from the disk for its clients (another
+    worker runs them)."""
     if mirror.fills is None:
         return []
     pins = mirror.cache.pins if mirror.cache is not None else {}
     rows = []
     now = mirror.reactor.seconds()  # the clock fills are timed with
-    for fill in list(mirror.fills.fills.values()):
+    own = list(mirror.fills.fills.values())
+    for fill in own + list(mirror.fills.following.values()):
         elapsed = now - fill.started
         rate = fill.written / elapsed if elapsed > 0 else None
         rows.append(
@@ -239,6 +363,7 @@ def _fills(mirror: Any) -> list[dict[str, Any]]:
                 "bytes_per_second": rate,
                 "eta_seconds": (fill.size - fill.written) / rate if rate and fill.size is not None else None,
                 "followers": len(pins.get((BLOB, fill.digest), ())),
+                "owner": fill in own,
             }
         )
     return sorted(rows, key=lambda row: -row["written"])

@@ -87,11 +87,13 @@ def render(data: dict[str, Any]) -> str:
         f"<title>dioproxy at {esc(host)}</title><style>{STYLE}</style></head><body>",
         f"<header><h1>dioproxy mirror at {esc(host)}</h1>",
         f"<p>version {esc(data['version'])} &middot; up {esc(_span(now - data['started']))} &middot; "
+        f"{_worker_count(data)}"
         f"{'login required' if data['closed'] else 'open to all'} &middot; as JSON with "
         '<code>Accept: application/json</code> &middot; <a href="/metrics">metrics</a></p>',
         '<nav><a href="#health">Is it working</a><a href="#holds">What it holds</a><a href="#use">How to use it</a>'
         "</nav></header><main>",
         _health(data, now),
+        _processes(data, now),
         _traffic(data),
         _fills(data),
         _holds(data, now),
@@ -140,6 +142,62 @@ def _health(data: dict[str, Any], now: float) -> str:
         + "".join(rows)
         + f"</tbody></table>{hub_line}</section>"
     )
+
+
+def _worker_count(data: dict[str, Any]) -> str:
+    workers = data.get("workers")
+    return f"{esc(workers['count'])} workers &middot; " if workers else ""
+
+
+def _processes(data: dict[str, Any], now: float) -> str:
+    """Under ``--workers``: how many workers this page covers. In a fleet: Redis, and the replicas it has seen."""
+    parts = []
+    workers = data.get("workers")
+    if workers is not None:
+        count, answered = workers["count"], workers["answered"]
+        line = f"{esc(answered)} of {esc(count)} workers answered"
+        if workers["missing"]:
+            missing = ", ".join(esc(i) for i in workers["missing"])
+            line = (
+                f'<span class="badge failing">{line}</span> <span class="muted">worker {missing} left out: '
+                "its traffic and downloads are missing from this page</span>"
+            )
+        else:
+            line = f'<span class="badge ok">{line}</span>'
+        parts.append(
+            f'<p id="workers-line">{line} <span class="muted">(this page came from worker '
+            f"{esc(workers['answered_by'])})</span></p>"
+        )
+    fleet = data.get("fleet")
+    if fleet is not None:
+        if fleet["redis"] == "down":
+            parts.append(
+                '<p id="fleet-line"><span class="badge offline">coordination unreachable</span> Redis does not '
+                f"answer (since {when(fleet['down_since'], now)}): each replica fetches on its own. "
+                f'<span class="err">{esc(fleet["error"] or "")}</span></p>'
+            )
+        elif fleet["redis"] == "unknown":
+            parts.append('<p id="fleet-line"><span class="badge unknown">unknown</span> Redis not asked yet.</p>')
+        else:
+            rows = [
+                f"<tr><td><code>{esc(r['url'])}</code>{' (this one)' if r['url'] == fleet['me'] else ''}</td>"
+                f"<td>{esc(', '.join(str(v) for v in r['versions']))}</td><td>{when(r['started'], now)}</td>"
+                f'<td class="num">{esc(r["workers"])}</td><td class="num">{esc(r["fills"])}</td>'
+                f"<td>{when(r['last_seen'], now)}</td></tr>"
+                for r in fleet["replicas"]
+            ]
+            parts.append(
+                f'<p id="fleet-line"><span class="badge ok">Redis up</span> {len(rows)} '
+                f"replica{'s' if len(rows) != 1 else ''} seen in the last {esc(_span(fleet['ttl']))} "
+                f'<span class="muted">(checked {when(fleet["checked"], now)})</span></p>'
+                '<table id="replicas"><thead><tr><th>Replica</th><th>Version</th><th>Started</th>'
+                '<th class="num">Processes</th><th class="num">Downloads</th><th>Last seen</th></tr></thead><tbody>'
+                + "".join(rows)
+                + "</tbody></table>"
+            )
+    if not parts:
+        return ""
+    return '<section id="processes"><h2>Workers and replicas</h2>' + "".join(parts) + "</section>"
 
 
 def _budget(limit: dict[str, Any] | None) -> str:

@@ -12,8 +12,9 @@ leftovers once before the first worker starts, restarts a worker that dies (afte
 keep dying), passes SIGHUP on to every worker, and on SIGTERM stops them all, each draining its requests first.
 
 A worker is ``python -m dioproxy.workers --index I --run-dir DIR -- <the plugin's options>``. The run directory
-is private to the workers (made by the supervisor with mode 0700, removed when it stops): each worker's metrics
-socket (:mod:`dioproxy.siblings`) and the shared offline windows (:mod:`dioproxy.offlinefiles`) live there.
+is private to the workers (made by the supervisor with mode 0700, removed when it stops): each worker's socket
+(its metrics and status page share, :mod:`dioproxy.siblings`) and the shared offline windows
+(:mod:`dioproxy.offlinefiles`) live there.
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ def _die_with_parent() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dioproxy.workers", description="one worker of --workers N")
     parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--run-dir", help="the workers' private directory (metrics sockets, offline windows)")
+    parser.add_argument("--run-dir", help="the workers' private directory (their sockets, offline windows)")
     parser.add_argument("--log-direct", action="store_true", help="stdout is the supervisor's own, not a pipe")
     parser.add_argument("plugin_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)

@@ -7,6 +7,7 @@ the fill is a real process, SIGKILLed mid-body.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import time
@@ -16,6 +17,8 @@ import yaml
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
+from dioproxy import __version__
+from dioproxy.fleet import presence
 from dioproxy.fleet.tags import FleetTags
 from tests import redisserver
 from tests.harness import Proxy, ProxyProcess, eventually, start_upstream
@@ -227,3 +230,87 @@ class FleetLoginTests(unittest.TestCase):
         )
         yield response.content()
         self.assertEqual(response.code, 200, "the other replica refused a token its sibling issued")
+
+
+class FleetStatusTests(unittest.TestCase):
+    """The status page lists the replicas Redis has seen (dioproxy/fleet/presence.py), and renders with Redis down."""
+
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.redis = yield redisserver.shared("fleet-status")  # its own: only this test's replicas heartbeat there
+        self.fake = start_upstream(self)
+
+    def replica(self) -> Proxy:
+        port = free_ports(1)[0]
+        coordination = {"redis": self.redis.url, "secret": SECRET, "advertise": f"http://127.0.0.1:{port}"}
+        return Proxy(self, self.fake.registry_url, port=port, coordination=coordination)
+
+    @defer.inlineCallbacks
+    def page(self, proxy: Proxy, accept: str = "application/json"):
+        began = reactor.seconds()
+        response = yield proxy.get("/", headers={"Accept": [accept]})
+        body = yield response.content()
+        self.assertEqual(response.code, 200)
+        self.assertLess(reactor.seconds() - began, 1.0, "the page waited for Redis")
+        return json.loads(body) if accept == "application/json" else body.decode()
+
+    @defer.inlineCallbacks
+    def listed(self, proxy: Proxy):
+        data = yield self.page(proxy)
+        return [row["url"] for row in data["fleet"]["replicas"]]
+
+    @defer.inlineCallbacks
+    def test_the_page_lists_both_replicas_and_survives_redis_down(self):
+        replicas = [self.replica() for _ in range(2)]
+        urls = sorted(p.url for p in replicas)
+        for proxy in replicas:
+            yield eventually(
+                lambda proxy=proxy: self.listed(proxy).addCallback(lambda got: got == urls), timeout=15, why="both"
+            )
+        data = yield self.page(replicas[0])
+        fleet = data["fleet"]
+        self.assertEqual((fleet["redis"], fleet["me"]), ("up", replicas[0].url))
+        for row, proxy in zip(fleet["replicas"], sorted(replicas, key=lambda p: p.url)):
+            self.assertEqual((row["versions"], row["fills"], row["workers"]), ([__version__], 0, 1))
+            self.assertAlmostEqual(row["started"], proxy.mirror.presence.started, delta=0.01)
+            self.assertLess(data["now"] - row["last_seen"], presence.TTL)
+        page = yield self.page(replicas[1], "text/html")
+        self.assertIn("2 replicas seen in the last 15 s", page)
+        for url in urls:
+            self.assertIn(f"<code>{url}</code>", page)
+
+        yield threads.deferToThread(self.redis.stop)
+        try:
+            for proxy in replicas:
+                yield eventually(
+                    lambda proxy=proxy: self.page(proxy).addCallback(lambda d: d["fleet"]["redis"] == "down"),
+                    timeout=15,
+                    why="Redis seen down",
+                )
+            data = yield self.page(replicas[0])
+            self.assertEqual(data["fleet"]["replicas"], [])
+            self.assertIn("Redis", data["fleet"]["error"])
+            page = yield self.page(replicas[0], "text/html")
+            self.assertIn("coordination unreachable", page)
+            self.assertIn("Traffic", page, "the rest of the page is there")
+        finally:
+            yield threads.deferToThread(self.redis.start)
+        for proxy in replicas:  # back (empty: every replica heartbeats again)
+            yield eventually(
+                lambda proxy=proxy: self.listed(proxy).addCallback(lambda got: got == urls), timeout=20, why="back"
+            )
+
+    def test_workers_of_one_replica_are_one_row(self):
+        members = [
+            {"url": "http://b", "version": "1", "started": 20.0, "fills": 2, "last_seen": 5.0},
+            {"url": "http://a", "version": "1", "started": 30.0, "fills": 0, "last_seen": 7.0},
+            {"url": "http://b", "version": "2", "started": 10.0, "fills": 1, "last_seen": 9.0},
+        ]
+        rows = presence._replicas(members)
+        self.assertEqual([r["url"] for r in rows], ["http://a", "http://b"])
+        self.assertEqual(
+            {k: rows[1][k] for k in ("versions", "started", "fills", "workers", "last_seen")},
+            {"versions": ["1", "2"], "started": 10.0, "fills": 3, "workers": 2, "last_seen": 9.0},
+        )

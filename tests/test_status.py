@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
-from dioproxy import snippets, statuspage
+from dioproxy import snippets, status, statuspage
 from dioproxy.status import Popular, StatusBoard, Traffic, client_snippets, page_data
 from tests.harness import Proxy, start_upstream
 from tests.test_ops_metrics import Puller
@@ -169,6 +169,91 @@ class BoardTests(unittest.TestCase):
         self.assertNotIn("http://", text)
         self.assertNotIn("insecure", text)
         self.assertEqual(json.loads(secure[0]["files"][0]["text"]), {"registry-mirrors": ["https://m.test"]})
+
+
+def fill_row(digest: str, written: int, followers: int, owner: bool) -> dict:
+    return {
+        "digest": digest,
+        "written": written,
+        "size": 1000,
+        "bytes_per_second": 10.0,
+        "eta_seconds": 1.0,
+        "followers": followers,
+        "owner": owner,
+    }
+
+
+class SharesTests(unittest.TestCase):
+    """``--workers N``: each worker's share of the page (as it crosses the socket: JSON), merged by the one asked."""
+
+    def setUp(self):
+        fake = start_upstream(self)
+        self.workers = [Proxy(self, fake.registry_url).mirror for _ in range(2)]
+
+    def feed(self, mirror, path: str, outcome: str, sent: int, repository: str, **kw) -> None:
+        mirror.status.request_done(FakeRequest(path, outcome, sent, repository=repository, **kw))
+
+    def test_counters_summed_top_lists_merged_fills_once(self):
+        first, second = self.workers
+        d1, d2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+        for mirror, hot in ((first, "library/a"), (second, "library/b")):
+            for _ in range(3):
+                self.feed(mirror, f"/v2/{hot}/manifests/1", "hit", 10, hot, digest=d1)
+            for _ in range(2):  # second on each worker, first overall
+                self.feed(mirror, "/v2/library/both/manifests/2", "miss", 100, "library/both", digest=d2)
+        self.feed(second, "/v2/library/both/manifests/3", "hit", 1, "library/both")
+        shares = [status.share(first, 0), json.loads(json.dumps(status.share(second, 1)))]
+        shares[0]["fills"] = [fill_row(d1, 900, 2, True), fill_row(d2, 50, 0, True)]
+        shares[1]["fills"] = [fill_row(d1, 400, 3, False)]  # following worker 0's fill of d1 from the disk
+        data = page_data(first, "http://m.test", shares, 3)
+        hour = data["traffic"]["hour"]
+        self.assertEqual((hour["hits"], hour["misses"], hour["cached_bytes"]), (3 + 3 + 1, 2 + 2, 61))
+        self.assertEqual(data["traffic"]["day"]["fetched_bytes"], 400)
+        self.assertEqual([(r["repository"], r["pulls"]) for r in data["popular"][:1]], [("library/both", 5)])
+        both = data["popular"][0]
+        self.assertEqual([(t["tag"], t["pulls"]) for t in both["tags"]], [("2", 4), ("3", 1)])
+        self.assertEqual(both["bytes"], 401)
+        self.assertEqual(
+            sorted((r["repository"], r["pulls"]) for r in data["popular"][1:]),
+            [("library/a", 3)] * 1 + [("library/b", 3)],
+        )
+        self.assertEqual(
+            [(f["digest"], f["written"], f["followers"]) for f in data["fills"]], [(d1, 900, 5), (d2, 50, 0)]
+        )
+        self.assertEqual(
+            (data["workers"]["count"], data["workers"]["answered"], data["workers"]["missing"]), (3, 2, [2])
+        )
+        page = statuspage.render(data)
+        self.assertIn("2 of 3 workers answered", page)
+        self.assertIn("worker 2 left out", page)
+        alone = page_data(first, "http://m.test")
+        self.assertIsNone(alone["workers"], "one process: no workers line")
+        self.assertNotIn("workers answered", statuspage.render(alone))
+
+    def test_merging_full_shares_is_cheap(self):
+        """Four workers each with a full day and a full popular table: what the worker asked does (its own share,
+        three siblings' read from JSON, merged, rendered); measured, bound with slack."""
+        now = time.time()
+        for mirror in self.workers:
+            board = mirror.status
+            for i in range(24 * 60):
+                board.traffic.add(now - i * 60, i % 3 == 0, 1000 * i)
+            for i in range(board.popular.max_repositories):
+                for t in range(board.popular.max_tags):
+                    board.popular.add("docker.io", f"team/repo{i}", 100, now - i, f"v{t}", None)
+        texts = [json.dumps(status.share(self.workers[1], i)) for i in (1, 2, 3)]  # made in the siblings
+        began = time.perf_counter()
+        for _ in range(5):
+            shares = [status.share(self.workers[0], 0)] + [json.loads(text) for text in texts]
+            data = page_data(self.workers[0], "http://m.test", shares, 4)
+            statuspage.render(data)
+        each = (time.perf_counter() - began) / 5
+        print(
+            f"\nfour full shares ({len(texts[0]) // 1024} KiB of JSON each) merged and rendered: {each * 1000:.1f} ms"
+        )
+        self.assertEqual(data["traffic"]["day"]["misses"], 4 * 24 * 60 * 2 // 3)
+        self.assertEqual(data["popular"][0]["pulls"], 4 * 20)
+        self.assertLess(each, 0.5)
 
 
 def basic(user: str, password: str) -> dict:

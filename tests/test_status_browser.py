@@ -1,5 +1,6 @@
 """The status page in a real headless Chromium: it renders, the charts and the snippets are there, nothing is
-logged to the console, and every request the page makes goes to the mirror itself.
+logged to the console, and every request the page makes goes to the mirror itself. The mirror is in a fleet (a
+real redis-server) of one, so the replicas table is there too.
 
 Fails (does not skip) when chromium is missing. The screenshot it takes is docs/img/status.png's source: run this
 test and copy ``_trial_temp/status.png`` there when the page changes.
@@ -13,8 +14,10 @@ import time
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
+from tests import redisserver
 from tests.cdp import Chromium, chromium_binary
 from tests.harness import Proxy, start_upstream
+from tests.seaweed import free_ports
 from tests.test_ops_metrics import Puller
 from tests.test_ops_reload import eventually
 from tests.test_status import StandInHealth
@@ -26,7 +29,12 @@ class BrowserTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         self.fake = start_upstream(self, auth_mode=None)
-        self.proxy = Proxy(self, self.fake.registry_url, cache={"max_size": "2GB"})
+        redis = yield redisserver.shared("status-browser")
+        port = free_ports(1)[0]
+        coordination = {"redis": redis.url, "secret": "s" * 32, "advertise": f"http://127.0.0.1:{port}"}
+        self.proxy = Proxy(
+            self, self.fake.registry_url, port=port, cache={"max_size": "2GB"}, coordination=coordination
+        )
         yield self.proxy.mirror.cache.when_ready()
 
     @defer.inlineCallbacks
@@ -46,6 +54,7 @@ class BrowserTests(unittest.TestCase):
         self.pending = self.proxy.get(f"/v2/library/postgres/blobs/{big.layer_digests[0]}")
         fills = self.proxy.mirror.fills.fills
         yield eventually(lambda: any(f.written > 0 for f in fills.values()), timeout=30)
+        yield eventually(lambda: self.proxy.mirror.presence.heard is not None, timeout=10)  # its first heartbeat
         now = time.time()
         traffic = self.proxy.mirror.status.traffic
         for minute in range(1, 24 * 60):
@@ -101,6 +110,8 @@ class BrowserTests(unittest.TestCase):
         self.assertIn("docker.io/library/alpine", result["text"])
         self.assertIn("TCP connection timed out", result["text"])
         self.assertEqual(result["progress"], 1, "the fill in progress has its bar")
+        self.assertEqual(result["replicas"], [f"http://{address}"], "the fleet's replicas, this one included")
+        self.assertIn("Redis up", result["text"])
         self.assertTrue(os.path.getsize(screenshot) > 10_000)
 
 
@@ -129,6 +140,7 @@ def browse(profile: str, url: str, screenshot: str) -> dict:
                     ratio_lines: document.querySelectorAll('svg.chart path').length,
                     chart_height: document.querySelector('svg.chart').getBoundingClientRect().height,
                     progress: document.querySelectorAll('#fills progress').length,
+                    replicas: [...document.querySelectorAll('#replicas tbody code')].map(c => c.textContent),
                     snippets: snippets,
                     text: document.body.innerText,
                   };

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -189,6 +190,89 @@ class WorkersTests(unittest.TestCase):
             break
         else:
             self.fail("no scrape reached the worker still running")
+
+    @defer.inlineCallbacks
+    def page(self, accept: str = "application/json"):
+        """One status page over a new connection (the kernel picks the worker): its body and who answered."""
+        before = self.served_by("/")
+        response = yield self.client.get(self.url + "/", headers={"Accept": [accept]})
+        body = yield response.content()
+        self.assertEqual(response.code, 200, body)
+        yield eventually(lambda: sum(self.served_by("/").values()) > sum(before.values()), why="logged")
+        after = self.served_by("/")
+        worker = next(w for w in after if after[w] > before.get(w, 0))
+        return (json.loads(body) if accept == "application/json" else body.decode()), worker
+
+    @defer.inlineCallbacks
+    def test_the_status_page_counts_both_workers_traffic_whichever_answers(self):
+        image = self.fake.add_image("library/app", "1.0", layer_sizes=[10])
+        manifest = "/v2/library/app/manifests/1.0"
+        results = yield defer.gatherResults([self.fetch() for _ in range(CLIENTS)])
+        self.assertEqual([(code, sha(body)) for code, body in results], [(200, self.digest)] * CLIENTS)
+        for _ in range(10):
+            code, _ = yield self.fetch(manifest)
+            self.assertEqual(code, 200)
+        yield eventually(lambda: sum(self.served_by().values()) == CLIENTS, why="every blob GET logged")
+        yield eventually(lambda: sum(self.served_by(manifest).values()) == 10, why="every pull logged")
+        self.assertEqual(sorted(self.served_by()), ["0", "1"], "both workers served clients")
+        self.assertEqual(sorted(self.served_by(manifest)), ["0", "1"], "both workers served pulls")
+        text, _ = yield self.scrape()  # flushes both workers' index batches; their totals follow within 1 s
+        size = value(text, "dioproxy_cache_size_bytes")
+        yield task.deferLater(reactor, 2.5, lambda: None)
+        answered_by = set()
+        for attempt in range(40):  # until both workers answered (1 in 2 each time)
+            data, worker = yield self.page()
+            answered_by.add(worker)
+            hour = data["traffic"]["hour"]
+            self.assertEqual(hour["hits"] + hour["misses"], CLIENTS + 10, worker)
+            self.assertEqual(
+                hour["cached_bytes"] + hour["fetched_bytes"], CLIENTS * len(self.data) + 10 * len(image.body)
+            )
+            self.assertEqual(data["traffic"]["day"]["hits"], hour["hits"])
+            [row] = data["popular"]
+            self.assertEqual(
+                (row["repository"], row["pulls"], row["tags"][0]["digest"]), ("library/app", 10, image.digest)
+            )
+            self.assertEqual(
+                {k: data["workers"][k] for k in ("count", "answered", "missing", "answered_by")},
+                {"count": 2, "answered": 2, "missing": [], "answered_by": int(worker)},
+            )
+            self.assertEqual(data["cache"]["size"], size, "the shared cache counted once")
+            self.assertEqual(data["fills"], [])
+            if len(answered_by) == 2 and attempt >= 3:
+                break
+        self.assertEqual(answered_by, {"0", "1"}, "every page came from one worker")
+        page, _ = yield self.page("text/html")
+        self.assertIn("2 of 2 workers answered", page)
+
+    @defer.inlineCallbacks
+    def test_a_worker_that_does_not_answer_is_left_out_of_the_status_page_within_the_deadline(self):
+        code, _ = yield self.fetch()
+        self.assertEqual(code, 200)
+        stopped = yield eventually(self.owner_pid_of_worker(1), why="worker 1's pid")
+        os.kill(stopped, signal.SIGSTOP)
+        self.addCleanup(os.kill, stopped, signal.SIGCONT)
+        seen = set()
+        for _ in range(12):  # a page that reaches the stopped worker waits for it: cut short, tried again
+            for accept in ("application/json", "text/html"):
+                d = self.page(accept)
+                d.addTimeout(siblings.STATUS_TIMEOUT + 3, reactor)
+                try:
+                    started = reactor.seconds()
+                    data, worker = yield d
+                except Exception:  # cut short by the timeout
+                    continue
+                self.assertEqual(worker, "0")
+                self.assertLess(reactor.seconds() - started, siblings.STATUS_TIMEOUT + 1)
+                if accept == "text/html":
+                    self.assertIn("1 of 2 workers answered", data)
+                    self.assertIn("worker 1 left out", data)
+                else:
+                    self.assertEqual((data["workers"]["answered"], data["workers"]["missing"]), (1, [1]))
+                seen.add(accept)
+            if len(seen) == 2:
+                break
+        self.assertEqual(len(seen), 2, "no page reached the worker still running")
 
     def owner_pid_of_worker(self, index: int):
         """A check for :func:`eventually`: the pid of worker ``index`` (a child of the supervisor)."""
