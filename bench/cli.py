@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import clients
+from . import clients, memory
 from .plan import FULL, MB, QUICK, Plan
 from .report import Row, chart, markdown, write_markdown
 from .scenarios import SCENARIOS, Stage, say
@@ -79,9 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     load = os.getloadavg()[0]
     try:
+        settled = memory.settle_page_cache(scratch) if plan.settle_page_cache else None
+        if settled:
+            say(settled)
         upstream = Upstream(scratch)
         stage = set_stage(plan, scratch, upstream, servers, proxy_command(args))
         stage.profile_dir = args.profile
+        if settled:
+            stage.notes.append(settled[0].upper() + settled[1:] + ".")
         rows: list[Row] = []
         for key in wanted:
             say(f"scenario {key}: {SCENARIOS[key].__name__}")

@@ -43,6 +43,9 @@ class Plan:
     worker_rounds: int = 3
     #: Scenario 8 (3 replicas against the CNCF pair on shared storage): rounds, five fresh cold blobs each.
     fleet_rounds: int = 3
+    #: Fill the page cache before measuring (``memory.settle_page_cache``): a server that has run for a while
+    #: writes into recycled pages, not fresh ones.
+    settle_page_cache: bool = True
 
     @property
     def link_floor(self) -> float:
@@ -67,4 +70,5 @@ QUICK = Plan(
     tier_rounds=1,
     worker_rounds=1,
     fleet_rounds=1,
+    settle_page_cache=False,
 )

@@ -267,7 +267,7 @@ def _rows(stage: Stage, tier: _Tier, runs: dict[str, list[Cell]], peaks: dict[st
             "MB/s",
             read,
             bucket=bucket,
-            ratio=_ratios((vs_read, "bucket")),
+            ratio=_ratios((vs_read, "bucket"), (ratio(read, to_disk), "curl into a file")),
             target="≥ 0.8x bucket",
             met=None if vs_read is None else vs_read >= 0.8,
         ),
