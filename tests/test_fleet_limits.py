@@ -16,6 +16,7 @@ import time
 from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
+from dioproxy.auth import LoginThrottle
 from dioproxy.budget import PullBudget
 from dioproxy.fleet.budget import FleetBudget
 from dioproxy.fleet.redis import QUICK, Redis
@@ -88,7 +89,7 @@ class FleetRateTests(unittest.TestCase):
         config = {"auth": {"htpasswd": htpasswd}, "rate_limit": {"trusted_proxies": ["127.0.0.1"]}}
         replicas = [replica(self, self.redis, self.fake, **config) for _ in range(2)]
         client, wrong = client_address(), basic("alice", "guess")
-        limit = replicas[0].mirror.gate.throttle.local.limit
+        limit = LoginThrottle().limit
         codes = []
         for i in range(limit + 2):
             code, _ = yield ask(replicas[i % 2], "/v2/", client, **wrong)
@@ -237,6 +238,16 @@ class FleetInflightTests(unittest.TestCase):
         yield under_way
         yield eventually(lambda: defer.ensureDeferred(second.holding(theirs)).addCallback(lambda held: not held))
         self.assertEqual(theirs.left(time.time()), 3)
+
+    @defer.inlineCallbacks
+    def test_the_newest_announcement_wins_whatever_order_the_writes_arrive_in(self):
+        values = SharedValues(self.budgets[0].fleet.redis, "budget", f"t:{time.time_ns()}:")
+        wrote = yield defer.ensureDeferred(values.set_newer("k", {"seen": 20.5, "remaining": 3}, 60, "seen"))
+        late = yield defer.ensureDeferred(values.set_newer("k", {"seen": 20.0, "remaining": 9}, 60, "seen"))
+        self.assertEqual((wrote, late), (True, False))
+        self.assertEqual((yield defer.ensureDeferred(values.get("k")))["remaining"], 3)
+        yield defer.ensureDeferred(values.set_newer("k", {"seen": 21.0, "remaining": 2}, 60, "seen"))
+        self.assertEqual((yield defer.ensureDeferred(values.get("k")))["remaining"], 2)
 
     @defer.inlineCallbacks
     def test_redis_unreachable_each_budget_goes_by_its_own_word(self):
