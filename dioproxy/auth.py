@@ -14,7 +14,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import bcrypt
 
@@ -89,7 +89,8 @@ class LoginThrottle:
     """Failed logins per client: past ``limit`` in ``window`` seconds the client is refused at once, with no bcrypt.
 
     A check in progress counts as a failure until it succeeds, so a burst of concurrent wrong passwords costs at
-    most ``limit`` bcrypt checks, not one each.
+    most ``limit`` bcrypt checks, not one each. This process's own; with ``coordination`` the counts are the
+    fleet's (:class:`~dioproxy.fleet.limits.FleetLoginThrottle`): the methods are coroutines for that.
     """
 
     #: Clients tracked at most; past it, expired windows are dropped (and if none, all: memory stays bounded).
@@ -101,7 +102,7 @@ class LoginThrottle:
         self._clock = clock
         self._failures: dict[str, tuple[int, float]] = {}  # client -> (failures, end of its window)
 
-    def retry_after(self, client: str) -> float:
+    async def retry_after(self, client: str) -> float:
         """Seconds the client must wait before its next login is checked; 0: check it now."""
         entry = self._failures.get(client)
         if entry is None:
@@ -112,7 +113,7 @@ class LoginThrottle:
             return 0.0
         return entry[1] - now if entry[0] >= self.limit else 0.0
 
-    def attempt(self, client: str) -> None:
+    async def attempt(self, client: str) -> None:
         if client not in self._failures and len(self._failures) >= self.MAX_CLIENTS:
             now = self._clock()
             self._failures = {c: e for c, e in self._failures.items() if e[1] > now}
@@ -121,7 +122,7 @@ class LoginThrottle:
         count, until = self._failures.get(client, (0, self._clock() + self.window))
         self._failures[client] = (count + 1, until)
 
-    def succeeded(self, client: str) -> None:
+    async def succeeded(self, client: str) -> None:
         entry = self._failures.get(client)
         if entry is not None:
             self._failures[client] = (entry[0] - 1, entry[1])
@@ -198,7 +199,7 @@ def scope_repositories(scopes: list[str]) -> list[str]:
 class Gate:
     """Decides who a request comes from; raises the 401 that starts a client's login dance."""
 
-    def __init__(self, htpasswd: Htpasswd, tokens: Tokens, throttle: LoginThrottle | None = None) -> None:
+    def __init__(self, htpasswd: Htpasswd, tokens: Tokens, throttle: Any = None) -> None:
         self.htpasswd = htpasswd
         self.tokens = tokens
         self.throttle = throttle or LoginThrottle()
@@ -228,7 +229,7 @@ class Gate:
         """bcrypt, unless remembered; 429 for a client past its failed logins (remembered ones still pass)."""
         if self.htpasswd.remembered(*credentials):
             return True
-        wait = self.throttle.retry_after(client)
+        wait = await self.throttle.retry_after(client)
         if wait:
             raise RegistryError(
                 429,
@@ -239,7 +240,7 @@ class Gate:
         return await self._checks.run(Htpasswd.key(*credentials), lambda: self._verify(credentials, client))
 
     async def _verify(self, credentials: tuple[str, str], client: str) -> bool:
-        self.throttle.attempt(client)
+        await self.throttle.attempt(client)
         try:
             ok = await self.htpasswd.check(*credentials)
         except PoolTimeout:
@@ -247,7 +248,7 @@ class Gate:
                 503, "UNAVAILABLE", "logins are being checked too slowly; try again", headers={"Retry-After": "5"}
             ) from None
         if ok:
-            self.throttle.succeeded(client)
+            await self.throttle.succeeded(client)
         return ok
 
     def challenge(self, realm: str, name: str | None, error: str | None) -> RegistryError:

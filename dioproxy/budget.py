@@ -14,7 +14,9 @@ We keep the last word per (registry, account) and spend what is left where it ma
 
 Identical requests share one upstream exchange already (:class:`~dioproxy.singleflight.SingleFlight` in
 :mod:`dioproxy.manifests`). Budgets live in memory, per process: an announcement older than its window says
-nothing any more, so a restart or a quiet hour loses nothing worth keeping.
+nothing any more, so a restart or a quiet hour loses nothing worth keeping. With ``coordination`` the replicas
+pull from one budget per account, so they share it (:mod:`dioproxy.fleet.budget`): the newest announcement any
+of them heard and the GETs all of them have in flight; Redis unavailable, each goes by what it heard itself.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Allowance:
     seen: float = 0.0  # when it was said (Unix time)
     retry_at: float | None = None  # a 429's Retry-After, as a time
     inflight: int = 0  # GETs sent and not answered yet: spent, though no announcement counts them yet
+    elsewhere: int = 0  # the same, sent by the other replicas (as Redis said at the last look; 0 without a fleet)
 
     def observe(self, code: int, headers: Any, now: float) -> bool:
         """Read an answer's ``ratelimit-*`` headers; True if the budget just ran out (said once per exhaustion)."""
@@ -82,7 +85,21 @@ class Allowance:
             return None
         if self.remaining == 0 and self.retry_at is not None and now >= self.retry_at:
             return None  # the upstream's own reset time has passed: ask again
-        return max(0, self.remaining - self.inflight)
+        return max(0, self.remaining - self.inflight - self.elsewhere)
+
+    def said(self) -> dict[str, Any]:
+        """The last announcement, for the other replicas (:meth:`adopt`)."""
+        return {k: getattr(self, k) for k in _SAID}
+
+    def adopt(self, said: Any) -> bool:
+        """Take another replica's announcement if it is newer than ours; False if not, or not one of ours."""
+        if not isinstance(said, dict) or not all(isinstance(said.get(k), _SAID[k]) for k in _SAID):
+            return False
+        if said["seen"] <= self.seen or said["remaining"] is None:
+            return False
+        for k in _SAID:
+            setattr(self, k, said[k])
+        return True
 
     def retry_in(self, now: float) -> float:
         """Seconds until a GET is likely allowed again: the 429's Retry-After; else, in a sliding window, the time
@@ -98,6 +115,8 @@ class PullBudget:
     """Every account's :class:`Allowance`, and the policy for spending them (``pull_budget`` in the config)."""
 
     def __init__(self, reactor: Any, clock: Callable[[], float], reserve: float = 20.0, wait: float = 5.0) -> None:
+        #: With ``coordination``, the fleet's view of every budget (:class:`~dioproxy.fleet.budget.FleetBudget`).
+        self.fleet: Any = None
         self.reactor = reactor
         self.clock = clock
         self.reserve = reserve  # percent of the limit
@@ -114,8 +133,11 @@ class PullBudget:
 
     def observe(self, allowance: Allowance, code: int, headers: Any) -> None:
         """Every upstream answer for ``allowance``'s account (``UpstreamClient`` calls this)."""
-        now = self.clock()
-        if allowance.observe(code, headers, now):
+        now, seen = self.clock(), allowance.seen
+        ran_out = allowance.observe(code, headers, now)
+        if self.fleet is not None and allowance.seen != seen:
+            self.fleet.share(allowance)
+        if ran_out:
             log.warn(
                 "upstream {registry} ({account}): pull rate limit used up ({limit} per {window}); manifests the "
                 "cache lacks are refused with 429 for about {retry:.0f} s, cached tags are served as they are",
@@ -137,19 +159,29 @@ class PullBudget:
             return "low"
         return "plenty"
 
-    def holding(self, allowance: Allowance) -> bool:
+    async def holding(self, allowance: Allowance) -> bool:
         """Whether a cached tag should be served as it is rather than spend a GET on its new digest."""
+        await self.look(allowance)
         return self.state(allowance) in ("low", "gone")
+
+    async def look(self, allowance: Allowance) -> None:
+        """With a fleet, take in what the other replicas heard and have in flight (never raises, never hangs)."""
+        if self.fleet is not None:
+            await self.fleet.refresh(allowance)
 
     @asynccontextmanager
     async def spending(self, allowance: Allowance, probe: Callable[[], Awaitable[Any]]) -> AsyncIterator[None]:
         """Around one manifest GET: lets it go, counted in flight until it is answered; when the budget is gone,
         first ``probe()`` (a free HEAD: its answer brings a fresh announcement), then waits for a reset within
         ``wait``, else raises :class:`UpstreamError` 429 with the reset as Retry-After."""
+        await self.look(allowance)
         if self.state(allowance) == "gone":
             await self._until_allowed(allowance, probe)
         allowance.inflight += 1
+        sent = None
         try:
+            if self.fleet is not None:
+                sent = await self.fleet.sent(allowance)
             yield
         except UpstreamError as e:
             if e.status == 429 and self.state(allowance) == "gone":  # the upstream said so first: say it plainly
@@ -157,6 +189,8 @@ class PullBudget:
             raise
         finally:
             allowance.inflight -= 1
+            if sent is not None:
+                self.fleet.answered(allowance, sent)
 
     async def _until_allowed(self, allowance: Allowance, probe: Callable[[], Awaitable[Any]]) -> None:
         """Returns once a probe found pulls left (after waiting for a reset due within ``wait``), else refuses."""
@@ -205,6 +239,16 @@ class PullBudget:
         """Count a decision: held (a cached tag served instead of a GET), waited (for a reset), refused (429)."""
         if self.on_action:
             self.on_action(allowance.registry, allowance.account, action)
+
+
+#: What :meth:`Allowance.said` tells the other replicas, and the types each field may have.
+_SAID: dict[str, Any] = {
+    "remaining": (int, type(None)),
+    "limit": (int, type(None)),
+    "window": (int, float, type(None)),
+    "seen": (int, float),
+    "retry_at": (int, float, type(None)),
+}
 
 
 def _first(headers: Any, name: str) -> str | None:

@@ -305,7 +305,7 @@ class Manifests:
             digest = await self._head(target, tag) if entry is not None else None
             client = self.client_for(target)
             moved = entry is not None and (digest is None or self.store.get(digest) is None)
-            if moved and client.budget.holding(client.allowance):
+            if moved and await client.budget.holding(client.allowance):
                 # The budget is low: the tag keeps its cached digest; the GET is kept for images the cache lacks.
                 stale = self._stale(target, tag, entry, "budget")
                 if stale is not None:

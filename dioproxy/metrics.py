@@ -149,6 +149,14 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.rate_checks = Counter(
+            "fleet_rate_checks",
+            "coordination and rate_limit: per-client rate limit checks, where=fleet (the client's bucket in Redis) "
+            "or local (Redis did not answer in time: this replica's own bucket)",
+            ["where"],
+            namespace=ns,
+            registry=r,
+        )
         self.stale_answers = Counter(
             "stale_answers",
             "Tags answered from the cache past their tag_ttl because the upstream could not say: reason=offline "
@@ -241,6 +249,10 @@ class Metrics:
     def budget_action(self, registry: str, account: str, action: str) -> None:
         """``PullBudget.on_action``."""
         self.budget_actions.labels(registry, account, action).inc()
+
+    def rate_check(self, where: str) -> None:
+        """``FleetRateLimiter.on_check``."""
+        self.rate_checks.labels(where).inc()
 
     def stale_answer(self, registry: str, reason: str) -> None:
         """``Manifests.on_stale``: a tag was served stale."""

@@ -16,7 +16,7 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.internet import defer
 
-from dioproxy.auth import Gate, Htpasswd, Tokens
+from dioproxy.auth import Gate, Htpasswd, LoginThrottle, Tokens
 from dioproxy.blobs import Blobs
 from dioproxy.budget import PullBudget
 from dioproxy.config import Config, Upstream
@@ -25,8 +25,10 @@ from dioproxy.errors import name_unknown
 from dioproxy.eviction import CacheBound, IndexedStorage, inflight_bytes
 from dioproxy.fill import FillManager
 from dioproxy.fleet.bucketuse import BucketBound, BucketUse
+from dioproxy.fleet.budget import FleetBudget
 from dioproxy.fleet.fills import FleetFills
 from dioproxy.fleet.lease import Leases
+from dioproxy.fleet.limits import FleetLoginThrottle, FleetRateLimiter
 from dioproxy.fleet.presence import Presence
 from dioproxy.fleet.redis import Redis
 from dioproxy.fleet.tags import FleetTags
@@ -67,6 +69,10 @@ class Mirror:
         #: What each upstream account may still pull (Docker Hub's rate limit), and how we spend it.
         self.budget = PullBudget(reactor, time.time, config.pull_reserve, config.pull_wait)
         self.budget.on_action = self.metrics.budget_action
+        #: ``coordination``: the fleet's Redis (fills, tags, the pull budget, the rate limits); None without.
+        self.redis = Redis.from_url(config.coordination.redis, reactor) if config.coordination else None
+        if self.redis is not None:
+            self.budget.fleet = FleetBudget(self.redis)
         self.clients = {name: self.make_client(upstream) for name, upstream in config.upstreams.items()}
         self.fills = (
             FillManager(self.storage, reactor, self.pools.disk, self.metrics.fill_done, self.make_room)
@@ -131,13 +137,12 @@ class Mirror:
 
     def _make_fleet(self, config: Config) -> FleetFills | None:
         """``coordination``: one upstream fetch per blob for every replica on the same Redis."""
-        spec = config.coordination
+        spec, redis = config.coordination, self.redis
         #: The replicas Redis has seen, for the status page (None without a fleet).
         self.presence: Presence | None = None
-        if spec is None or self.fills is None:
+        if spec is None or redis is None or self.fills is None:
             return None
         advertise = spec.advertise or f"http://{socket.getfqdn()}:{self.port}"
-        redis = Redis.from_url(spec.redis, self.reactor)
         self.presence = Presence(redis, advertise, lambda: len(self.fills.fills), time.time, self.reactor)
         fleet = FleetFills(redis, spec.secret, advertise, self.reactor, config.read_timeout)
         self.fills.fleet = fleet
@@ -174,13 +179,19 @@ class Mirror:
         reactor = self.reactor
         security = config.security
         self.gate = (
-            Gate(Htpasswd(security.htpasswd, self.pools.auth), Tokens(self.token_secret(config), security.token_ttl))
-            if (security.htpasswd)
+            Gate(
+                Htpasswd(security.htpasswd, self.pools.auth),
+                Tokens(self.token_secret(config), security.token_ttl),
+                FleetLoginThrottle(self.redis, LoginThrottle()) if self.redis else None,
+            )
+            if security.htpasswd
             else None
         )
         self.addresses = ClientAddresses(security.trusted_proxies)
         self.metrics_readers = ClientAddresses(security.metrics_allow)  # /metrics without login when closed
-        self.limiter = RateLimiter(security.rate, security.burst, reactor.seconds) if security.rate else None
+        local = RateLimiter(security.rate, security.burst, reactor.seconds) if security.rate else None
+        redis = self.redis
+        self.limiter = FleetRateLimiter(redis, local, self.metrics.rate_check) if local and redis else local
 
     def token_secret(self, config: Config) -> str:
         """``auth.secret``, else one derived from ``coordination.secret`` (a login on one replica holds on all),
@@ -282,6 +293,8 @@ class Mirror:
             self.presence.stop()
         if self.fleet:
             shared = defer.gatherResults([shared, defer.ensureDeferred(self.fleet.close())])
+        elif self.redis:  # no cache, so no fleet of fills: the limits and the budget used it
+            shared = defer.gatherResults([shared, defer.ensureDeferred(self.redis.close())])
         closed = defer.gatherResults([self.pool.closeCachedConnections(), stopped, written, shared])
         return closed.addBoth(self._stop_pools)
 

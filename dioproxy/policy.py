@@ -46,7 +46,8 @@ class ClientAddresses:
 
 
 class RateLimiter:
-    """A token bucket per client address: ``rate`` requests per second, bursts up to ``burst``."""
+    """A token bucket per client address: ``rate`` requests per second, bursts up to ``burst``; this process's own
+    (with ``coordination``, :class:`~dioproxy.fleet.limits.FleetRateLimiter` keeps the buckets in Redis)."""
 
     MAX_CLIENTS = 100_000
 
@@ -56,8 +57,8 @@ class RateLimiter:
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def retry_after(self, client: str) -> float:
-        """0 if the request may go now (and is counted), else seconds until it may."""
+    async def retry_after(self, client: str) -> float:
+        """0 if the request may go now (and is counted), else seconds until it may (a coroutine, as the fleet's)."""
         now = self.clock()
         tokens, last = self._buckets.get(client, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)

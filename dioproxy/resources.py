@@ -107,18 +107,17 @@ class Endpoint(resource.Resource):
         method = request.method.decode("ascii", "replace")
         if method not in ("GET", "HEAD"):
             return render_error(request, unsupported(method))
-        limiter = self.mirror.limiter
-        if limiter is not None:
-            wait = limiter.retry_after(client_address(request, self.mirror.addresses))
-            if wait:
-                error = RegistryError(429, "TOOMANYREQUESTS", "too many requests from this client")
-                error.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-                return render_error(request, error)
         d = defer.ensureDeferred(self._serve(request, method == "HEAD"))
         d.addErrback(self._failed, request)
         return server.NOT_DONE_YET
 
     async def _serve(self, request: server.Request, head: bool) -> None:
+        limiter = self.mirror.limiter
+        if limiter is not None:
+            wait = await limiter.retry_after(client_address(request, self.mirror.addresses))
+            if wait:
+                retry = {"Retry-After": str(max(1, math.ceil(wait)))}
+                raise RegistryError(429, "TOOMANYREQUESTS", "too many requests from this client", headers=retry)
         gate = self.mirror.gate
         if gate is not None and self.guarded and not self.peer(request):
             ns = arg(request, "ns")  # the token must be for the registry this request is routed to

@@ -48,6 +48,18 @@ class AllowanceTests(unittest.TestCase):
         self.assertEqual(a.retry_in(110), 20)
         self.assertIsNone(a.left(130), "past the upstream's reset: ask again")
 
+    def test_another_replicas_word_counts_only_when_newer(self):
+        a, other = Allowance("docker.io", "anonymous"), Allowance("docker.io", "anonymous")
+        a.observe(200, announced(7), now=100)
+        other.observe(429, announced(0, **{"Retry-After": "30"}), now=90)
+        self.assertFalse(a.adopt(other.said()), "an older announcement replaced ours")
+        self.assertEqual(a.left(100), 7)
+        other.observe(429, announced(0, **{"Retry-After": "30"}), now=110)
+        self.assertTrue(a.adopt(other.said()))
+        self.assertEqual((a.left(110), a.retry_in(110)), (0, 30))
+        for junk in (None, "gone", {"remaining": "0", "seen": 200}, {**other.said(), "seen": None}):
+            self.assertFalse(a.adopt(junk), junk)
+
     def test_retry_estimate_without_retry_after(self):
         a = Allowance("docker.io", "anonymous")
         a.observe(200, announced(0, limit=10, window=3600), now=0)

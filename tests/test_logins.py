@@ -108,15 +108,19 @@ class ThrottleTests(unittest.TestCase):
     def test_window_and_memory_bounds(self):
         now = [0.0]
         throttle = auth.LoginThrottle(limit=2, window=60, clock=lambda: now[0])
-        throttle.attempt("a")
-        throttle.attempt("a")
-        self.assertEqual(throttle.retry_after("a"), 60)
-        self.assertEqual(throttle.retry_after("b"), 0, "per client")
+
+        def done(coroutine):
+            return self.successResultOf(defer.ensureDeferred(coroutine))
+
+        done(throttle.attempt("a"))
+        done(throttle.attempt("a"))
+        self.assertEqual(done(throttle.retry_after("a")), 60)
+        self.assertEqual(done(throttle.retry_after("b")), 0, "per client")
         now[0] = 61
-        self.assertEqual(throttle.retry_after("a"), 0, "the window ends")
+        self.assertEqual(done(throttle.retry_after("a")), 0, "the window ends")
         self.patch(auth.LoginThrottle, "MAX_CLIENTS", 3)
         for client in "cdefgh":
-            throttle.attempt(client)
+            done(throttle.attempt(client))
         self.assertLessEqual(len(throttle._failures), 3)
 
 

@@ -140,11 +140,15 @@ class RateLimitTests(unittest.TestCase):
     def test_bucket(self):
         now = [0.0]
         limiter = RateLimiter(2, 3, lambda: now[0])
-        self.assertEqual([limiter.retry_after("a") for _ in range(3)], [0, 0, 0])
-        self.assertAlmostEqual(limiter.retry_after("a"), 0.5)
-        self.assertEqual(limiter.retry_after("b"), 0, "buckets are per client")
+
+        def retry_after(client):
+            return self.successResultOf(defer.ensureDeferred(limiter.retry_after(client)))
+
+        self.assertEqual([retry_after("a") for _ in range(3)], [0, 0, 0])
+        self.assertAlmostEqual(retry_after("a"), 0.5)
+        self.assertEqual(retry_after("b"), 0, "buckets are per client")
         now[0] += 0.5
-        self.assertEqual(limiter.retry_after("a"), 0)
+        self.assertEqual(retry_after("a"), 0)
 
     @defer.inlineCallbacks
     def test_429_with_retry_after(self):

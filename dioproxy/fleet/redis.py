@@ -3,7 +3,8 @@
 txredisapi is Twisted-native (commands are Deferreds on the reactor) but, while Redis is down, a command waits
 forever for a connection, and one sent to a stalled Redis waits forever for its reply. So here:
 
-- every call is under :data:`DEADLINE` (waiting for a connection included) and raises :class:`FleetUnavailable`
+- every call is under :data:`DEADLINE` (waiting for a connection included; a caller with an answer of its own
+  without Redis gives a shorter one, :data:`QUICK`) and raises :class:`FleetUnavailable`
   when Redis does not answer in time or loses the connection; at once when the last connection was lost or
   refused and none is up. A call that timed out drops the pool's connections (they are suspect; a half-open one
   would never answer) and txredisapi opens new ones.
@@ -39,6 +40,9 @@ log = Logger()
 
 #: Deadline of every call, waiting for a connection included (a local Redis answers in well under 1 ms).
 DEADLINE = 2.0
+#: Deadline of a call made on a client's request path that has an answer of its own without Redis (the rate
+#: limits, the pull budget): missing it opens the breaker like any other deadline.
+QUICK = 0.5
 #: Seconds between PINGs while the breaker is open; at least this long, calls fail fast after a failure.
 DOWN_FOR = 3.0
 #: Seconds between a subscription's PINGs (how long a stalled Redis can go unnoticed by a subscriber).
@@ -179,13 +183,14 @@ class Redis:
 
     # -- calls -------------------------------------------------------------------------------------------------
 
-    async def call(self, *command: Any) -> Any:
-        """One command (``"SET", key, value, "NX"``): its reply, strings as str, or FleetUnavailable."""
-        return await self._ask(command[0], lambda handler: handler.execute_command(*command))
+    async def call(self, *command: Any, deadline: float | None = None) -> Any:
+        """One command (``"SET", key, value, "NX"``): its reply, strings as str, or FleetUnavailable; ``deadline``
+        (seconds) shortens the client's own for this call."""
+        return await self._ask(command[0], lambda handler: handler.execute_command(*command), deadline)
 
-    async def eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
+    async def eval(self, script: str, keys: list[str], args: list[Any], deadline: float | None = None) -> Any:
         """A Lua script (EVALSHA once Redis knows it): its reply, or FleetUnavailable."""
-        return await self._ask("EVAL", lambda handler: handler.eval(script, keys, args))
+        return await self._ask("EVAL", lambda handler: handler.eval(script, keys, args), deadline)
 
     async def publish(self, channel: str, message: str) -> int:
         """Publish ``message``; the number of subscribers that got it."""
@@ -194,28 +199,29 @@ class Redis:
     async def ping(self) -> None:
         await self.call("PING")
 
-    async def _ask(self, what: str, start: Callable[[Any], defer.Deferred]) -> Any:
+    async def _ask(self, what: str, start: Callable[[Any], defer.Deferred], deadline: float | None = None) -> Any:
         if self.closed:
             raise FleetUnavailable(f"Redis {self.address.label}: client closed")
         if self.down:
             since = self.reactor.seconds() - self.down_since
             raise FleetUnavailable(f"Redis {self.address.label} down for {since:.1f} s: {what} not sent")
-        return await self._send(what, start)
+        return await self._send(what, start, min(deadline or self.deadline, self.deadline))
 
-    async def _send(self, what: str, start: Callable[[Any], defer.Deferred]) -> Any:
+    async def _send(self, what: str, start: Callable[[Any], defer.Deferred], deadline: float | None = None) -> Any:
+        deadline = deadline or self.deadline
         if self._factory.unreachable and not self._factory.pool:
             self._mark_down(f"{what}: not connected")  # refused or lost: no use waiting for the deadline
             raise FleetUnavailable(f"Redis {self.address.label}: not connected, {what} not sent")
         d = start(self._factory.handler)
-        d.addTimeout(self.deadline, self.reactor)
+        d.addTimeout(deadline, self.reactor)
         try:
             return await d
         except txredisapi.ResponseError as e:
             raise FleetUnavailable(f"Redis {self.address.label} answered {what} with an error: {e}") from e
         except defer.TimeoutError as e:
             self._drop_connections()
-            self._mark_down(f"no answer to {what} within {self.deadline:g} s")
-            raise FleetUnavailable(f"Redis {self.address.label}: no answer to {what} within {self.deadline:g} s") from e
+            self._mark_down(f"no answer to {what} within {deadline:g} s")
+            raise FleetUnavailable(f"Redis {self.address.label}: no answer to {what} within {deadline:g} s") from e
         except txredisapi.RedisError as e:  # not connected, connection lost, garbage on the wire
             self._mark_down(f"{what}: {e}")
             raise FleetUnavailable(f"Redis {self.address.label}: {what}: {e}") from e
