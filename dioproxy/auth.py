@@ -14,7 +14,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable, Protocol
 
 import bcrypt
 
@@ -128,6 +128,15 @@ class LoginThrottle:
             self._failures[client] = (entry[0] - 1, entry[1])
 
 
+class Throttle(Protocol):
+    """What :class:`Gate` asks about failed logins: :class:`LoginThrottle` or the fleet's
+    :class:`~dioproxy.fleet.limits.FleetLoginThrottle`."""
+
+    async def retry_after(self, client: str) -> float: ...
+    async def attempt(self, client: str) -> None: ...
+    async def succeeded(self, client: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class Grant:
     user: str
@@ -199,10 +208,10 @@ def scope_repositories(scopes: list[str]) -> list[str]:
 class Gate:
     """Decides who a request comes from; raises the 401 that starts a client's login dance."""
 
-    def __init__(self, htpasswd: Htpasswd, tokens: Tokens, throttle: Any = None) -> None:
+    def __init__(self, htpasswd: Htpasswd, tokens: Tokens, throttle: Throttle | None = None) -> None:
         self.htpasswd = htpasswd
         self.tokens = tokens
-        self.throttle = throttle or LoginThrottle()
+        self.throttle: Throttle = throttle or LoginThrottle()
         self._checks = SingleFlight()  # concurrent requests with the same credentials wait for one bcrypt check
 
     async def grant(self, authorization: str | None, realm: str, name: str | None, client: str) -> Grant:

@@ -26,7 +26,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -111,12 +111,21 @@ class Allowance:
         return DEFAULT_RETRY
 
 
+class SharedBudgets(Protocol):
+    """The fleet's view of every budget (:class:`~dioproxy.fleet.budget.FleetBudget`); never raises, never hangs."""
+
+    async def refresh(self, allowance: Allowance) -> None: ...
+    def share(self, allowance: Allowance) -> None: ...
+    async def sent(self, allowance: Allowance) -> str | None: ...
+    def answered(self, allowance: Allowance, member: str) -> None: ...
+
+
 class PullBudget:
     """Every account's :class:`Allowance`, and the policy for spending them (``pull_budget`` in the config)."""
 
     def __init__(self, reactor: Any, clock: Callable[[], float], reserve: float = 20.0, wait: float = 5.0) -> None:
-        #: With ``coordination``, the fleet's view of every budget (:class:`~dioproxy.fleet.budget.FleetBudget`).
-        self.fleet: Any = None
+        #: With ``coordination``, the fleet's view of every budget.
+        self.fleet: SharedBudgets | None = None
         self.reactor = reactor
         self.clock = clock
         self.reserve = reserve  # percent of the limit
