@@ -20,7 +20,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _group(pgid: int) -> list[tuple[str, list[bytes]]]:
-    """(pid, stat fields after the command name) of every process in group ``pgid``."""
+    """(pid, stat fields after the command name) of every process in group ``pgid``, and of process ``pgid``
+    itself: a server the test fixtures start (SeaweedFS, redis-server) stays in the bench's group."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -33,7 +34,7 @@ def _group(pgid: int) -> list[tuple[str, list[bytes]]]:
         # Fields after the parenthesised command name: state ppid pgrp session tty tpgid flags minflt cminflt
         # majflt cmajflt utime stime ...
         fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[2]) == pgid:
+        if int(fields[2]) == pgid or int(entry) == pgid:  # or the server's own process, in the bench's group
             found.append((entry, fields))
     return found
 
@@ -64,6 +65,16 @@ def group_pss(pgid: int) -> int:
         except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far, summed over its cores: how near the cores were to full
+    while a figure was measured tells whether it was bound by them."""
+    with open("/proc/stat", "rb") as f:
+        # cpu user nice system idle iowait irq softirq steal ...
+        ticks = [int(n) for n in f.readline().split()[1:9]]
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks) - idle) / TICK, sum(ticks) / TICK
 
 
 def group_cpu(pgid: int) -> float:

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from . import clients
-from .memory import Sampler, group_cpu
+from .memory import Sampler, group_cpu, machine_cpu
 from .plan import MB
 from .report import Cell, Row, ratio
 from .scenarios import Stage, _median, _ratios, attempt, say
@@ -66,7 +66,8 @@ class _Tier:
             config = _config(home / "dioproxy.yaml", self.store, redirect)
             self.mirrors[role] = DioProxy(home, upstream, command, ["--config", str(config)], f"dioproxy ({role})")
         self.s3 = None
-        self.cpu: dict[str, list[float]] = {}  # what -> [CPU seconds, bytes]
+        self.cpu: dict[str, dict[str, list[float]]] = {}  # what -> server -> [CPU seconds, bytes]
+        self.busy: dict[str, list[float]] = {}  # what -> [busy, all] CPU seconds of the machine
 
     def start(self) -> None:
         for server in (self.store, *self.mirrors.values()):
@@ -101,15 +102,20 @@ class _Tier:
             time.sleep(POLL)
         raise TimeoutError(f"{key} not in the bucket after {UPLOAD_DEADLINE:g} s")
 
-    def counted(self, what: str, server: Server, size: int, measure: Callable[[], float]) -> Callable[[], float]:
-        """``measure`` with ``server``'s CPU time charged to ``what`` (per GB, in the notes)."""
+    def counted(self, what: str, size: int, measure: Callable[[], float], *servers: Server) -> Callable[[], float]:
+        """``measure`` with the CPU time of ``servers`` charged to ``what`` (per GB, in the notes), and how busy
+        the machine's cores were meanwhile."""
 
         def run() -> float:
-            before = group_cpu(server.pid)
+            before, machine = [group_cpu(s.pid) for s in servers], machine_cpu()
             value = measure()
-            spent = self.cpu.setdefault(what, [0.0, 0.0])
-            spent[0] += group_cpu(server.pid) - before
-            spent[1] += size
+            for server, began in zip(servers, before):
+                spent = self.cpu.setdefault(what, {}).setdefault(server.name, [0.0, 0.0])
+                spent[0] += group_cpu(server.pid) - began
+                spent[1] += size
+            busy = self.busy.setdefault(what, [0.0, 0.0])
+            for n, (now, then) in enumerate(zip(machine_cpu(), machine)):
+                busy[n] += now - then
             return value
 
         return run
@@ -163,10 +169,10 @@ def _round(stage: Stage, tier: _Tier, blob: BlobFile, n: int, runs: dict[str, li
 
     def upload() -> float:
         # The fill first (verified, committed, upload queued): the same path as a read through the bucket.
-        fill = tier.counted("fill", mirror, size, lambda: _get_rate(mirror.url + path, size))
+        fill = tier.counted("fill", size, lambda: _get_rate(mirror.url + path, size), mirror)
         take("fill", mirror, "cold fill from the upstream", fill)
         ended = time.monotonic()
-        return size / (tier.counted("upload", mirror, size, lambda: tier.stored_at(key))() - ended) / MB
+        return size / (tier.counted("upload", size, lambda: tier.stored_at(key), mirror, tier.store)() - ended) / MB
 
     def put() -> float:
         sent, seconds = clients.curl_upload(tier.presign("put_object", f"{PREFIX}anchor/put-{n}"), blob.path)
@@ -183,7 +189,7 @@ def _round(stage: Stage, tier: _Tier, blob: BlobFile, n: int, runs: dict[str, li
 
     def read() -> float:
         mark = upstream.log_offset()
-        rate = _get_rate(reader.url + path, size)
+        rate = tier.counted("read", size, lambda: _get_rate(reader.url + path, size), reader, tier.store)()
         time.sleep(0.5)  # the registry writes its access-log line after the response
         gets = upstream.blob_gets(mark, blob.digest)
         if gets:
@@ -197,12 +203,17 @@ def _round(stage: Stage, tier: _Tier, blob: BlobFile, n: int, runs: dict[str, li
             "hot",
             mirror,
             "warm blob from the hot tier",
-            tier.counted("hot", mirror, size, lambda: _get_rate(mirror.url + path, size)),
+            tier.counted("hot", size, lambda: _get_rate(mirror.url + path, size), mirror),
         )
         take("nginx", stage.nginx, "the same file", lambda: _get_rate(f"{stage.nginx.url}/blobs/tier-{n}", size))
-    take("bucket", tier.store, "curl presigned GET", lambda: _get_rate(direct, size))
-    take("to disk", tier.store, "curl presigned GET into a file", to_disk)
-    take("read", reader, "streamed from the bucket", tier.counted("read", reader, size, read))
+    take(
+        "bucket",
+        tier.store,
+        "curl presigned GET",
+        tier.counted("bucket", size, lambda: _get_rate(direct, size), tier.store),
+    )
+    take("to disk", tier.store, "curl presigned GET into a file", tier.counted("to disk", size, to_disk, tier.store))
+    take("read", reader, "streamed from the bucket", read)
 
     def answer() -> float:  # the redirect alone: what the mirror adds to a read from the bucket
         code, seconds = clients.curl_answer(redirect.url + path)
@@ -216,6 +227,12 @@ def _round(stage: Stage, tier: _Tier, blob: BlobFile, n: int, runs: dict[str, li
             "redirect", redirect, "by redirect, curl -L", lambda: _get_rate(redirect.url + path, size, redirected=True)
         )
         take("bucket", tier.store, "curl presigned GET", lambda: _get_rate(direct, size))
+
+
+def _spent(tier: _Tier, what: str) -> str:
+    servers = ", ".join(f"{name} {c[0] / (c[1] / 1e9):.2f}" for name, c in tier.cpu[what].items() if c[1])
+    busy, total = tier.busy.get(what, (0.0, 0.0))
+    return f"{servers} ({busy / total:.0%})" if total else servers
 
 
 def _text(cell: Cell, digits: int = 0) -> str:
@@ -237,8 +254,8 @@ def _rows(stage: Stage, tier: _Tier, runs: dict[str, list[Cell]], peaks: dict[st
         f"mirror's cold fill of each blob straight from the upstream registry (no far link) {_text(fill)} MB/s, "
         f"and curl of the presigned URL into a file on the mirrors' disk {_text(to_disk)} MB/s. The redirect "
         f"mirror's 307 alone took {_text(_median(runs['307']), 1)} ms. "
-        "CPU seconds per GB: "
-        + ", ".join(f"{what} {c[0] / (c[1] / 1e9):.2f}" for what, c in tier.cpu.items() if c[1])
+        "CPU seconds per GB (and the 2 cores' busy share meanwhile): "
+        + "; ".join(f"{what} {_spent(tier, what)}" for what in tier.cpu)
         + "; peak RSS: "
         + ", ".join(f"{name} {p:.0f} MB" for name, p in peaks.items() if isinstance(p, (int, float)))
         + "."
